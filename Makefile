@@ -1,0 +1,33 @@
+# One entry point for people and CI. `make test` and `make demo` set themselves up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup test demo bench lint clean-assets
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when pyproject.toml or the setup script changed.
+$(STAMP): pyproject.toml tools/setup_env.sh
+	PYTHON=$(PYTHON) bash tools/setup_env.sh $(VENV)
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/python -m pipeline.demo
+
+bench: setup
+	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/gen_throughput.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/quality.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean-assets:
+	rm -rf .assets

@@ -1,0 +1,86 @@
+"""Loading tokenizers, fingerprinting them and the models, so caches can prove what produced them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import looks_like_hub_id
+from pipeline.errors import UserError
+
+
+def check_model_path(path: Path | str, role: str) -> str:
+    """A local model directory, or a hub id left for transformers/vLLM to fetch; else a UserError."""
+    text = str(path)
+    if Path(text).is_dir():
+        if not (Path(text) / "config.json").exists():
+            raise UserError(f"{role} model directory {text} has no config.json: is it a model checkout?")
+        return text
+    if Path(text).exists():
+        raise UserError(f"{role} model path {text} is a file; point it at the model's directory.")
+    if looks_like_hub_id(text):
+        return text
+    raise UserError(f"{role} model directory {text} does not exist. Check `models.{role}` in the config.")
+
+
+def load_tokenizer(path: Path | str, role: str = "teacher") -> Any:
+    from transformers import AutoTokenizer
+
+    source = check_model_path(path, role)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Cannot load the {role} tokenizer from {source}: {exc}") from None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """sha256 over the token->id map and the special tokens: equal hashes mean identical token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {name: str(value) for name, value in sorted(tokenizer.special_tokens_map.items())}
+    digest = hashlib.sha256()
+    digest.update(json.dumps(vocab, ensure_ascii=False).encode())
+    digest.update(json.dumps(special, ensure_ascii=False).encode())
+    return {"hash": digest.hexdigest(), "vocab_size": len(tokenizer)}
+
+
+def check_same_vocab(reference: Any, reference_name: str, other: Any, other_name: str) -> None:
+    """Fail with the first differing tokens unless every token of `reference` has the same id in `other`.
+
+    `other` may hold extra tokens beyond the reference's (a padded vocabulary); ids of shared tokens
+    must agree, because the cache stores ids, not strings.
+    """
+    ref_vocab, other_vocab = reference.get_vocab(), other.get_vocab()
+    diffs = [
+        f"{token!r}: {ref_id} in {reference_name}, {other_vocab.get(token, 'missing')} in {other_name}"
+        for token, ref_id in sorted(ref_vocab.items(), key=lambda item: item[1])
+        if other_vocab.get(token) != ref_id
+    ]
+    if diffs:
+        raise UserError(
+            f"The tokenizers of {reference_name} and {other_name} map tokens to different ids "
+            f"({len(diffs)} differ), so a cache of one cannot teach the other. First differences: "
+            + "; ".join(diffs[:5])
+        )
+
+
+def model_identity(model_dir: Path | str) -> dict[str, Any]:
+    """Path, a hash of config.json plus the weight files' names and sizes (cheap, yet changes with the weights)."""
+    path = Path(model_dir)
+    digest = hashlib.sha256()
+    dtype = None
+    if path.is_dir():
+        config_file = path / "config.json"
+        config_bytes = config_file.read_bytes()
+        digest.update(config_bytes)
+        config = json.loads(config_bytes)
+        dtype = config.get("torch_dtype") or config.get("dtype")
+        for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.json")):
+            if weight.name.endswith(".index.json") or not weight.name.endswith(".json"):
+                digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
+                if weight.name.endswith(".index.json"):
+                    digest.update(weight.read_bytes())
+    else:
+        digest.update(str(model_dir).encode())  # a hub id: the name is all we know before loading
+    return {"path": str(model_dir), "hash": digest.hexdigest(), "dtype": dtype}

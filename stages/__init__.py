@@ -1,0 +1,1 @@
+"""One module per CLI stage; each is a straight recipe over `pipeline` components."""
