@@ -77,16 +77,18 @@ def _load(args: argparse.Namespace):
 def _run_gen_logits(args: argparse.Namespace) -> int:
     if args.num_parts < 1 or not 0 <= args.part < args.num_parts:
         raise UserError(f"--part {args.part} --num-parts {args.num_parts}: need 0 <= part < num-parts.")
+    config = _load(args)  # config errors first, before the heavy imports
     from stages import gen_logits
 
-    gen_logits.run(_load(args), part=args.part, num_parts=args.num_parts, overwrite=args.overwrite)
+    gen_logits.run(config, part=args.part, num_parts=args.num_parts, overwrite=args.overwrite)
     return 0
 
 
 def _run_train_student(args: argparse.Namespace) -> int:
+    config = _load(args)
     from stages import train_student
 
-    train_student.run(_load(args), resume=args.resume)
+    train_student.run(config, resume=args.resume)
     return 0
 
 

@@ -194,8 +194,16 @@ def _check_training(raw: Any, base_dir: Path) -> dict[str, Any]:
     from transformers import TrainingArguments  # imported here: config errors should not wait on it
 
     valid = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
-    _reject_unknown(raw, valid, prefix="training.", what="a transformers.TrainingArguments field")
     training = dict(raw)
+    if "warmup_ratio" in training and "warmup_ratio" not in valid:
+        # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio); keep old configs working.
+        if "warmup_steps" in training:
+            raise UserError("Set `training.warmup_steps` or `training.warmup_ratio`, not both.")
+        ratio = training.pop("warmup_ratio")
+        if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise UserError(f"`training.warmup_ratio` = {json.dumps(ratio)} must be a number in [0, 1).")
+        training["warmup_steps"] = float(ratio)
+    _reject_unknown(training, valid, prefix="training.", what="a transformers.TrainingArguments field")
     for key in ("output_dir", "logging_dir"):
         if isinstance(training.get(key), str):
             training[key] = str(_resolve(training[key], base_dir))
@@ -254,17 +262,33 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return " | ".join(json.dumps(a) for a in typing.get_args(hint))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
-    names = {type(None): "null", Path: "a path string", float: "a number", int: "an integer",
+        item = _describe(typing.get_args(hint)[0]).removeprefix("a ").removeprefix("an ")
+        return f"a list of {item}s"
+    names = {type(None): "null", Path: "a path", float: "a number", int: "an integer",
              bool: "true or false", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+# Names people bring from PEFT's LoraConfig and other tools, mapped to ours.
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "targets": "target_modules", "teachers": "teacher", "top_k": "top_logits_num", "k": "top_logits_num"}
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    if _ALIASES.get(key) in valid:
+        return _ALIASES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    prefixed = [v for v in valid if key.startswith(v) or v.startswith(key)]
+    return prefixed[0] if prefixed else None
 
 
 def _reject_unknown(raw: dict, valid: list[str], prefix: str, what: str = "a setting") -> None:
     for key in raw:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean `{prefix}{close[0]}`?" if close else f"; valid keys: {', '.join(valid)}."
+            close = closest_key(key, valid)
+            hint = f"; did you mean `{prefix}{close}`?" if close else f"; valid keys: {', '.join(valid)}."
             raise UserError(f"`{prefix}{key}` is not {what}{hint}")
 
 
@@ -279,8 +303,8 @@ def _apply_override(raw: dict, override: str) -> None:
         value = text  # unquoted strings such as paths are taken as they are
     section, key = key_path.split(".", 1)
     if section not in SECTIONS or section == "job_type":
-        close = difflib.get_close_matches(section, list(SECTIONS), n=1)
-        hint = f"; did you mean `{close[0]}`?" if close else ""
+        close = closest_key(section, list(SECTIONS))
+        hint = f"; did you mean `{close}`?" if close else ""
         raise UserError(f"--set {override!r}: `{section}` is not a config section{hint}")
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
