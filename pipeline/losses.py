@@ -1,0 +1,227 @@
+"""Sparse distillation losses against a teacher's cached top-k, one chunk of student logits at a time.
+
+Per response token t (student logits z = z_{t-1}, teacher top-k ids S with log-probs a, tail log-mass
+log r; DESIGN.md "Losses"):
+
+    student  log q = log_softmax(z / T) over the FULL vocabulary, gathered at S
+             tail "bucket":      log q_tail = logsumexp(z/T without S) - logsumexp(z/T)   (exact, stable)
+             tail "renormalize": log q renormalized over S, no tail class
+    teacher  p ∝ exp(a / T) over S, plus the tail class exp(log r / T) for "bucket", renormalized.
+             Tempering the tail as one class (r^(1/T)) is an approximation: the true tempered tail is
+             sum_{j not in S} p_j^(1/T), which the cache does not hold. At T = 1 it is exact.
+    KD       forward_kld  sum p (log p - log q)      reverse_kld  sum q (log q - log p)
+             jsd          (KL(p||m) + KL(q||m)) / 2, m = (p + q) / 2      tvd  sum |p - q| / 2
+             over the classes (S and the tail); with several teachers KD = sum_w weight_w * KD_w.
+    CE       -log_softmax(z)[x_t] at T = 1.
+    loss     (1 - kd_ratio) * CE + kd_ratio * T^2 * KD, each a SUM over tokens divided once by the
+             number of response tokens of the whole optimizer step (the caller's `num_tokens`).
+
+Conventions for degenerate entries (never NaN): a top-k entry with log-prob -inf is no class on either
+side (its student mass falls into the tail); when S covers the whole vocabulary there is no tail class;
+a teacher tail of exactly zero mass (float32 rounding of 1 - sum p) is floored at exp(LOG_PROB_FLOOR)
+in reverse_kld, whose log p would otherwise be -inf.
+
+`chunk_loss_and_grad` returns the values and the gradient with respect to the chunk's logits in one
+pass, so the caller never keeps [positions, vocab] tensors for backward (see pipeline/student.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+DistillationType = Literal["forward_kld", "reverse_kld", "jsd", "tvd"]
+TailMode = Literal["bucket", "renormalize"]
+LOG_PROB_FLOOR = -100.0  # reverse_kld only: a teacher class with p == 0 counts as p = e^-100
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class KDLossSpec:
+    """The `distillation` settings the loss needs; teacher_weights sum to 1, one per teacher."""
+
+    kd_ratio: float = 0.5
+    distillation_type: DistillationType = "forward_kld"
+    temperature: float = 1.0
+    tail: TailMode = "bucket"
+    teacher_weights: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def from_config(cls, distillation, num_teachers: int) -> KDLossSpec:
+        """From a `pipeline.config.DistillationConfig`; weights default to equal and are normalized."""
+        weights = distillation.teacher_weights or [1.0] * num_teachers
+        total = sum(weights)
+        return cls(
+            kd_ratio=distillation.kd_ratio,
+            distillation_type=distillation.distillation_type,
+            temperature=distillation.temperature,
+            tail=distillation.tail,
+            teacher_weights=tuple(w / total for w in weights),
+        )
+
+    def token_weights(self, num_tokens: int | Tensor) -> tuple[float | Tensor, float | Tensor]:
+        """(w_ce, w_kd): loss = w_ce * CE_sum + w_kd * KD_sum for a step of `num_tokens` response tokens."""
+        return (1.0 - self.kd_ratio) / num_tokens, self.kd_ratio * self.temperature**2 / num_tokens
+
+
+@dataclass
+class TeacherRows:
+    """One teacher's cache entries for N response positions (rows aligned with the student's positions)."""
+
+    topk_ids: Tensor  # int64 [N, k]
+    topk_logprobs: Tensor  # float32 [N, k], may hold -inf
+    tail_logmass: Tensor  # float32 [N], -inf when the top-k holds all the mass
+
+    def narrow(self, start: int, length: int) -> TeacherRows:
+        return TeacherRows(
+            self.topk_ids.narrow(0, start, length),
+            self.topk_logprobs.narrow(0, start, length),
+            self.tail_logmass.narrow(0, start, length),
+        )
+
+
+def teacher_class_logprobs(topk_logprobs: Tensor, tail_logmass: Tensor | None, temperature: float) -> Tensor:
+    """log p over the classes [S..., tail] (tail_logmass given) or [S...] at temperature T, normalized."""
+    logits = topk_logprobs if tail_logmass is None else torch.cat([topk_logprobs, tail_logmass[:, None]], 1)
+    return torch.log_softmax(logits.float() / temperature, dim=1)
+
+
+def divergence(kind: DistillationType, logp: Tensor, logq: Tensor, valid: Tensor) -> Tensor:
+    """Per-row divergence between teacher log p and student log q over the classes marked valid.
+
+    Invalid classes carry no mass on either side. logq is finite on valid classes; logp may be -inf
+    on a valid class (zero teacher mass).
+    """
+    logq = logq.masked_fill(~valid, 0.0)
+    logp = logp.masked_fill(~valid, 0.0)
+    q = logq.exp() * valid
+    p = logp.exp() * valid
+    if kind == "forward_kld":
+        terms = torch.xlogy(p, p) - p * logq
+    elif kind == "reverse_kld":
+        terms = q * (logq - logp.clamp(min=LOG_PROB_FLOOR))
+    elif kind == "jsd":
+        logm = torch.logaddexp(logp, logq) - math.log(2.0)
+        terms = 0.5 * (torch.xlogy(p, p) - p * logm + q * (logq - logm))
+    elif kind == "tvd":
+        terms = 0.5 * (p - q).abs()
+    else:
+        raise ValueError(f"unknown distillation_type {kind!r}")
+    return terms.sum(1)
+
+
+def _divergence_and_grad(
+    kind: DistillationType, logp: Tensor, logq: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergence and its gradient with respect to logq (small [n, classes] tensors)."""
+    with torch.enable_grad():
+        logq = logq.detach().requires_grad_(True)
+        rows = divergence(kind, logp, logq, valid)
+        (grad,) = torch.autograd.grad(rows.sum(), logq)
+    return rows.detach(), grad
+
+
+def _exp_rows_(buf: Tensor) -> tuple[Tensor, Tensor]:
+    """In place buf <- exp(buf - rowmax). Returns (logsumexp of the original rows, 1 / row sum of buf).
+
+    Rows of only -inf (nothing left after masking) give lse -inf and 1/sum 0, never NaN. Hand-rolled
+    because torch.logsumexp allocates several [n, V] temporaries on CPU.
+    """
+    rowmax = buf.amax(1, keepdim=True)
+    rowmax = torch.where(torch.isfinite(rowmax), rowmax, 0.0)
+    buf.sub_(rowmax).exp_()
+    total = buf.sum(1)
+    lse = rowmax.squeeze(1) + total.log()
+    return lse, torch.where(total > 0, 1.0 / total, 0.0)
+
+
+def chunk_loss_and_grad(
+    z: Tensor,
+    targets: Tensor,
+    teachers: Sequence[TeacherRows],
+    spec: KDLossSpec,
+    w_ce: float | Tensor,
+    w_kd: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE and KD sums over one chunk, and dz = d(w_ce * CE_sum + w_kd * KD_sum) / dz.
+
+    z: float32 [n, V] student logits; its storage is reused for dz (the caller must not need z after).
+    targets: int64 [n] actual next tokens. Returns (ce_sum, kd_sum, dz), the sums detached.
+    """
+    T = spec.temperature
+    bucket = spec.tail == "bucket"
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    u = z if T == 1 else z / T
+    # CE's softmax equals the student's full softmax at T = 1, so it rides on the first bucket pass.
+    ce_folded = bucket and T == 1
+    # Dense [n, V] passes left that read u; the last one may overwrite it instead of copying.
+    uses_of_u = (len(teachers) if bucket else 0) + (1 if (not ce_folded and u is z) else 0)
+    dz: Tensor | None = None
+    ce_lse: Tensor | None = None
+    kd_sum = z.new_zeros(())
+
+    def take_u() -> Tensor:
+        nonlocal uses_of_u
+        uses_of_u -= 1
+        return u if uses_of_u == 0 else u.clone()
+
+    def accumulate(part: Tensor) -> None:
+        nonlocal dz
+        dz = part if dz is None else dz.add_(part)
+
+    sparse_ids, sparse_grads = [], []
+    for teacher, weight in zip(teachers, spec.teacher_weights, strict=True):
+        ids, a = teacher.topk_ids, teacher.topk_logprobs
+        in_s = torch.isfinite(a)  # -inf entries are no class
+        u_s = u.gather(1, ids).masked_fill(~in_s, _NEG_INF)
+        w = w_kd * weight / T  # d u / d z = 1 / T
+        if not bucket:
+            logq = torch.log_softmax(u_s, 1)
+            logp = teacher_class_logprobs(a, None, T)
+            rows, g = _divergence_and_grad(spec.distillation_type, logp, logq, in_s)
+            # d logq_i / d u_j = [i == j] - softmax_S(u)_j, within S only
+            du_s = g - logq.exp() * g.sum(1, keepdim=True)
+            sparse_ids.append(ids)
+            sparse_grads.append((w * du_s).masked_fill(~in_s, 0.0))
+            kd_sum = kd_sum + weight * rows.sum()
+            continue
+        buf = take_u()
+        # Redirect -inf entries to the (always finite) top-1 id so they leave their own id in the tail.
+        buf.scatter_(1, torch.where(in_s, ids, ids[:, :1]), _NEG_INF)
+        lse_rest, inv_rest = _exp_rows_(buf)  # buf = exp(u - rowmax) outside S, 0 on S
+        has_tail = torch.isfinite(lse_rest)
+        lse = torch.logaddexp(lse_rest, torch.logsumexp(u_s, 1))
+        logq = torch.cat([u_s - lse[:, None], (lse_rest - lse)[:, None]], 1)
+        logp = teacher_class_logprobs(a, teacher.tail_logmass.masked_fill(~has_tail, _NEG_INF), T)
+        valid = torch.cat([in_s, has_tail[:, None]], 1)
+        rows, g = _divergence_and_grad(spec.distillation_type, logp, logq, valid)
+        kd_sum = kd_sum + weight * rows.sum()
+        # dL/du_j = g_i [j = s_i] + g_tail exp(u_j - lse_rest) [j not in S] - G q_j, G = sum of g;
+        # outside S, q_j = exp(u_j - lse_rest) * q_tail, so one dense pass carries all three terms.
+        q_tail = (lse_rest - lse).exp()
+        q_s = logq[:, :-1].exp()
+        big_g = g.sum(1)
+        coef_rest = w * (g[:, -1] - big_g * q_tail)
+        du_s = w * (g[:, :-1] - q_s * big_g[:, None])
+        if ce_folded and ce_lse is None:
+            ce_lse = lse
+            coef_rest = coef_rest + w_ce * q_tail
+            du_s = du_s + w_ce * q_s
+        accumulate(buf.mul_((coef_rest * inv_rest)[:, None]))
+        sparse_ids.append(ids)
+        sparse_grads.append(du_s.masked_fill(~in_s, 0.0))
+
+    if ce_lse is None:  # CE needs its own pass over the full vocabulary at T = 1
+        buf = take_u() if u is z else z
+        ce_lse, inv_total = _exp_rows_(buf)
+        accumulate(buf.mul_((w_ce * inv_total)[:, None]))
+    assert dz is not None  # the CE pass or the first bucket teacher always writes it
+    for ids, grads in zip(sparse_ids, sparse_grads, strict=True):
+        dz.scatter_add_(1, ids, grads)
+    dz.scatter_add_(1, targets[:, None], (-w_ce * torch.ones_like(z_target))[:, None])
+    ce_sum = (ce_lse - z_target).sum()
+    return ce_sum, kd_sum, dz
