@@ -1,0 +1,189 @@
+"""The student side of distillation: cache rows -> batches, final hidden states at the response positions,
+and the output head applied chunk by chunk with the fused sparse loss of pipeline.losses.
+
+Only response positions ever reach the head, and no [positions, vocab] tensor outlives its chunk: the
+forward pass computes each chunk's gradient with respect to the hidden states right away (the loss
+is a scalar, so backward only scales it), which is cheaper than recomputing the head in backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import UserError
+from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad
+from pipeline.records import CacheSample
+
+# Config attributes of architectures whose logits are not a plain linear map of the hidden states.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length: int) -> dict[str, Any]:
+    """Pad the token ids of a batch and flatten every response row into [N] / [N, k] tensors.
+
+    items: per sample, its CacheSample from each teacher (same token ids and positions). Sequences
+    longer than max_seq_length are cut, with the response rows beyond the cut.
+    """
+    lengths = [min(len(item[0].input_ids), max_seq_length) for item in items]
+    input_ids = torch.full((len(items), max(lengths)), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    rows, cols, keeps = [], [], []
+    for b, (item, length) in enumerate(zip(items, lengths, strict=True)):
+        input_ids[b, :length] = item[0].input_ids[:length]
+        attention_mask[b, :length] = 1
+        keep = item[0].positions < length
+        positions = item[0].positions[keep]
+        rows.append(torch.full_like(positions, b))
+        cols.append(positions - 1)  # x_t is predicted from position t - 1
+        keeps.append(keep)
+    row_index, col_index = torch.cat(rows), torch.cat(cols)
+    num_teachers = len(items[0])
+
+    def stack(field: str, w: int) -> Tensor:
+        return torch.cat([getattr(item[w], field)[keep] for item, keep in zip(items, keeps, strict=True)])
+
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "row_index": row_index,
+        "col_index": col_index,
+        "targets": input_ids[row_index, col_index + 1],
+        "topk_ids": [stack("topk_ids", w) for w in range(num_teachers)],
+        "topk_logprobs": [stack("topk_logprobs", w) for w in range(num_teachers)],
+        "tail_logmass": [stack("tail_logmass", w) for w in range(num_teachers)],
+    }
+
+
+def teacher_rows(batch: dict[str, Any]) -> list[TeacherRows]:
+    return [
+        TeacherRows(ids, logprobs, tail)
+        for ids, logprobs, tail in zip(
+            batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], strict=True
+        )
+    ]
+
+
+def output_head(model: Any) -> torch.nn.Linear:
+    """The student's output layer, checked to be a plain linear map we may apply ourselves."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise UserError(
+            f"The student's output layer is a {type(head).__name__}, not a plain Linear (is `lm_head` a LoRA "
+            "target?). The distillation loss applies the output head itself: leave lm_head out of "
+            "`lora.target_modules`."
+        )
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise UserError(f"Students whose logits use `{name}` ({value}) are not supported yet.")
+    return head
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether forward() takes `logits_to_keep` (transformers >= 4.50 causal LMs)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def response_hidden_states(model: Any, batch: dict[str, Any], logits_to_keep: bool = True) -> Tensor:
+    """Final (normed) hidden states at positions t - 1 for every response row: [N, hidden].
+
+    `model` may be wrapped (PEFT, DDP): the call goes through its forward so DDP sees it.
+    """
+    extra = {"logits_to_keep": 1} if logits_to_keep else {}  # the head runs on one position only
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        use_cache=False,
+        **extra,
+    )
+    return out.hidden_states[-1][batch["row_index"], batch["col_index"]]
+
+
+@dataclass
+class LossParts:
+    loss: Tensor  # w_ce * CE_sum + w_kd * KD_sum: this batch's share of the optimizer step's loss
+    ce_sum: Tensor  # detached sums over this batch's response tokens
+    kd_sum: Tensor
+    tokens: int
+
+
+def distillation_loss(
+    model: Any,
+    head: torch.nn.Linear,
+    batch: dict[str, Any],
+    spec: KDLossSpec,
+    num_tokens: int | Tensor,
+    chunk_size: int,
+    logits_to_keep: bool = True,
+) -> LossParts:
+    """Student forward + sparse KD/CE loss, normalized by `num_tokens` (the whole optimizer step's count)."""
+    hidden = response_hidden_states(model, batch, logits_to_keep)
+    w_ce, w_kd = spec.token_weights(num_tokens)
+    loss, ce_sum, kd_sum = ChunkedHeadLoss.apply(
+        hidden, head.weight, head.bias, batch["targets"], teacher_rows(batch), spec, w_ce, w_kd, chunk_size
+    )
+    return LossParts(loss, ce_sum, kd_sum, int(batch["targets"].numel()))
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """loss = w_ce * CE_sum + w_kd * KD_sum over rows of `hidden`, with logits = hidden @ weight.T + bias
+    formed `chunk_size` rows at a time. Gradients are computed during forward and only scaled in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        teachers: list[TeacherRows],
+        spec: KDLossSpec,
+        w_ce: float | Tensor,
+        w_kd: float | Tensor,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        ce_total = hidden.new_zeros((), dtype=torch.float32)
+        kd_total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = min(chunk_size, hidden.shape[0] - start)
+            h = hidden.narrow(0, start, rows)
+            z = torch.nn.functional.linear(h, weight, bias).float()
+            ce, kd, dz = chunk_loss_and_grad(
+                z, targets.narrow(0, start, rows), [t.narrow(start, rows) for t in teachers], spec, w_ce, w_kd
+            )
+            ce_total += ce
+            kd_total += kd
+            if grad_hidden is not None:
+                grad_hidden.narrow(0, start, rows).copy_(dz.to(weight.dtype) @ weight)
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.t(), h.float())
+            if grad_bias is not None:
+                grad_bias += dz.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return w_ce * ce_total + w_kd * kd_total, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors
+        )
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
