@@ -203,15 +203,14 @@ def build_id_table(topk_ids: list[np.ndarray]) -> np.ndarray:
 
 
 def decode_row(
-    row: dict[str, Any], codec_params: dict[str, Any], id_table: np.ndarray
+    row: dict[str, Any], k: int, codec_params: dict[str, Any], id_table: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Decode one Parquet row (as from `pyarrow.Table.to_pylist()`) into numpy arrays.
+    """Decode one Parquet row (a dict, as from `pyarrow.Table.to_pylist()`) into numpy arrays.
 
-    `id_table` is the shard's table: `read_id_table(pyarrow.parquet.read_schema(path).metadata)`.
+    `k` and `codec_params` are the manifest's "k" and "codec"; `id_table` is the shard's:
+    `read_id_table(pyarrow.parquet.ParquetFile(path).schema_arrow.metadata)`.
     """
-    codec = TopKCodec.from_params(codec_params)
-    rows, k = row["num_positions"], codec_params["k"]
-    ids, lps, target, tail = codec.decode(row, rows, k, id_table)
+    ids, lps, target, tail = TopKCodec.from_params(codec_params).decode(row, row["num_positions"], k, id_table)
     return {
         "sample_id": row["sample_id"],
         "input_ids": np.asarray(row["input_ids"], dtype=np.int64),
@@ -258,13 +257,18 @@ def _decompress(payload: bytes) -> bytes:
 def _unpack(blob: bytes, count: int) -> list[bytes]:
     streams, offset = [], 0
     for _ in range(count):
+        if offset + _HEADER.size > len(blob):
+            raise ValueError("truncated stream header")
         method, length = _HEADER.unpack_from(blob, offset)
         offset += _HEADER.size
         payload = blob[offset : offset + length]
         offset += length
         if len(payload) != length or method not in (0, 1):
-            raise ValueError("truncated or malformed stream header")
-        streams.append(_decompress(payload) if method == 1 else payload)
+            raise ValueError("truncated or malformed stream")
+        try:
+            streams.append(_decompress(payload) if method == 1 else payload)
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"corrupt zstd frame: {exc}") from None
     if offset != len(blob):
         raise ValueError(f"{len(blob) - offset} trailing bytes after the last stream")
     return streams
