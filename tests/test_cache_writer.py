@@ -20,7 +20,13 @@ from pipeline.records import TeacherTopK
 
 K = 8
 IDENTITY = {
-    "teacher": {"path": "/models/t", "hash": "t0", "dtype": "bfloat16", "engine": "hf", "engine_version": "1"},
+    "teacher": {
+        "path": "/models/t",
+        "hash": "t0",
+        "dtype": "bfloat16",
+        "engine": "hf",
+        "engine_version": "1",
+    },
     "tokenizer": {"hash": "tok0", "vocab_size": 500},
     "k": K,
     "dataset": {"path": "d.jsonl", "hash": "d0", "template_hash": "tpl", "samples": 40},
@@ -205,8 +211,12 @@ def test_corrupt_unrecorded_shard_is_quarantined(tmp_path):
 def test_two_writers_in_one_directory(tmp_path):
     """Parts I of N written concurrently: the manifest is the union; complete only when all parts closed."""
     half = {0: range(0, 9), 1: range(9, 20)}
-    writers = {i: LogitCacheWriter(tmp_path, IDENTITY, writer_id=f"part-{i}-of-3", rows_per_shard=2) for i in half}
-    threads = [threading.Thread(target=lambda i=i: [writers[i].add(record(j)) for j in half[i]]) for i in half]
+    writers = {
+        i: LogitCacheWriter(tmp_path, IDENTITY, writer_id=f"part-{i}-of-3", rows_per_shard=2) for i in half
+    }
+    threads = [
+        threading.Thread(target=lambda i=i: [writers[i].add(record(j)) for j in half[i]]) for i in half
+    ]
     for t in threads:
         t.start()
     for t in threads:

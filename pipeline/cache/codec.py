@@ -210,7 +210,9 @@ def decode_row(
     `k` and `codec_params` are the manifest's "k" and "codec"; `id_table` is the shard's:
     `read_id_table(pyarrow.parquet.ParquetFile(path).schema_arrow.metadata)`.
     """
-    ids, lps, target, tail = TopKCodec.from_params(codec_params).decode(row, row["num_positions"], k, id_table)
+    ids, lps, target, tail = TopKCodec.from_params(codec_params).decode(
+        row, row["num_positions"], k, id_table
+    )
     return {
         "sample_id": row["sample_id"],
         "input_ids": np.asarray(row["input_ids"], dtype=np.int64),

@@ -1,0 +1,56 @@
+"""`pipeline inspect`: the summary a person reads, the JSON a script reads, and --verify."""
+
+from __future__ import annotations
+
+import json
+
+from stages.inspect_cache import run
+from tests.test_cache_writer import write
+
+
+def test_text_summary(tmp_path, capsys):
+    write(tmp_path, range(12), rows_per_shard=5)
+    assert run(tmp_path, as_json=False, verify=True) == 0
+    out = capsys.readouterr().out
+    for expected in (
+        "samples          12",
+        "k                8",
+        "in 3 shards",
+        "B/response token",
+        "path=/models/t",
+        "hash=tok0",
+        "topk-gap-zstd",
+        "truncated=1",
+        "part part-0-of-1 complete: 12 samples",
+        "all sha256 checksums match",
+    ):
+        assert expected in out, expected
+
+
+def test_json_and_failed_verification(tmp_path, capsys):
+    write(tmp_path, range(12), rows_per_shard=5)
+    shard = tmp_path / "shard-part-0-of-1-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert run(tmp_path, as_json=True, verify=True) == 2
+    info = json.loads(capsys.readouterr().out)
+    assert info["samples"] == 12 and info["shards"] == 3 and info["complete"] is True
+    assert info["tokenizer"] == {"hash": "tok0", "vocab_size": 500}
+    assert info["bytes_per_response_token"] > 0 and info["stats"] == {"truncated": 1, "skipped": 2}
+    assert (
+        info["verified"]["ok"] is False and "shard-part-0-of-1-00001.parquet" in info["verified"]["problems"]
+    )
+
+
+def test_incomplete_parts_are_shown(tmp_path, capsys):
+    from pipeline.cache import LogitCacheWriter
+    from tests.test_cache_writer import IDENTITY, record
+
+    writer = LogitCacheWriter(tmp_path, IDENTITY, writer_id="part-1-of-2", rows_per_shard=2, background=False)
+    for i in range(3):
+        writer.add(record(i))
+    assert run(tmp_path, as_json=False, verify=False) == 0
+    out = capsys.readouterr().out
+    assert "INCOMPLETE" in out and "part-1-of-2 in progress or interrupted: 2 samples" in out
+    assert "part-0-of-2 missing" in out
