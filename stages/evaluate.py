@@ -1,0 +1,131 @@
+"""`pipeline eval`: score a student (base, base + adapter, or merged) against a held-out teacher cache.
+
+Per response token, at temperature 1:
+- teacher KL: forward KL(teacher || student) over the teacher's top-k plus the tail bucket (the mass
+  outside the top-k as one class on both sides), exactly the quantity `forward_kld` + `bucket` trains;
+- top-1 agreement: the student's argmax equals the teacher's most likely token;
+- cross-entropy (and perplexity) of the actual response tokens.
+Means are over all response tokens of the scored samples. Streams the cache; batches; progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import LogitCacheReader
+from pipeline.errors import UserError, require
+from pipeline.losses import divergence, teacher_class_logprobs
+from pipeline.models import check_model_path, load_tokenizer, tokenizer_fingerprint
+from pipeline.student import collate, output_head, response_hidden_states
+
+log = logging.getLogger(__name__)
+HEAD_CHUNK = 1024  # response positions per output-head chunk: bounds the [chunk, vocab] logits
+
+
+def run(
+    model_dir: Path,
+    cache_dir: Path,
+    *,
+    adapter: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    tokenizer = load_tokenizer(model_dir, role="student")
+    reader = LogitCacheReader(cache_dir, expect={"tokenizer_hash": tokenizer_fingerprint(tokenizer)["hash"]})
+    model = load_student(model_dir, adapter)
+    total = reader.num_samples if limit is None else min(limit, reader.num_samples)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    sums = {"kl": 0.0, "top1": 0.0, "ce": 0.0, "teacher_ce": 0.0, "tokens": 0, "samples": 0}
+    start = time.perf_counter()
+    samples = reader.iter_samples(shuffle=False, seed=0)
+    with torch.inference_mode(), tqdm(total=total, desc="eval", unit="sample", disable=as_json) as bar:
+        batch: list = []
+        for sample in samples:
+            if sums["samples"] + len(batch) >= total:
+                break
+            batch.append([sample])
+            if len(batch) == batch_size:
+                _score_batch(model, batch, pad_id, sums)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            _score_batch(model, batch, pad_id, sums)
+            bar.update(len(batch))
+
+    if sums["tokens"] == 0:
+        raise UserError(f"{cache_dir}: no response tokens to score.")
+    n = sums["tokens"]
+    metrics = {
+        "model": str(model_dir),
+        "adapter": str(adapter) if adapter else None,
+        "cache": str(cache_dir),
+        "samples": sums["samples"],
+        "response_tokens": n,
+        "kl": sums["kl"] / n,
+        "top1_agreement": sums["top1"] / n,
+        "cross_entropy": sums["ce"] / n,
+        "perplexity": math.exp(sums["ce"] / n),
+        "teacher_cross_entropy": sums["teacher_ce"] / n,
+        "seconds": time.perf_counter() - start,
+    }
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(
+            f"{metrics['samples']} samples, {n} response tokens: teacher KL {metrics['kl']:.4f} nats/token, "
+            f"top-1 agreement {metrics['top1_agreement']:.3f}, cross-entropy {metrics['cross_entropy']:.4f} "
+            f"(perplexity {metrics['perplexity']:.2f}; teacher's own {metrics['teacher_cross_entropy']:.4f})"
+        )
+    return metrics
+
+
+def load_student(model_dir: Path, adapter: Path | None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(check_model_path(model_dir, "student"), dtype=torch.float32)
+    if adapter is not None:
+        peft = require("peft", "dev", "Loading a LoRA adapter")
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise UserError(f"{adapter} has no adapter_config.json: pass the train-student output directory.")
+        model = peft.PeftModel.from_pretrained(model, str(adapter))
+    return model.eval()
+
+
+def _score_batch(model: Any, items: list, pad_id: int, sums: dict[str, float]) -> None:
+    batch = collate(items, pad_id=pad_id, max_seq_length=max(len(item[0].input_ids) for item in items))
+    hidden = response_hidden_states(model, batch)
+    head = output_head(model)
+    teacher_ids, teacher_lp, teacher_tail = batch["topk_ids"][0], batch["topk_logprobs"][0], batch["tail_logmass"][0]
+    target_lp = torch.cat([item[0].target_logprobs[item[0].positions < batch["input_ids"].shape[1]]
+                           for item in items])
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        rows = slice(start, start + HEAD_CHUNK)
+        z = torch.nn.functional.linear(hidden[rows].float(), head.weight.float(),
+                                       None if head.bias is None else head.bias.float())
+        lse = torch.logsumexp(z, 1)
+        ids, a = teacher_ids[rows], teacher_lp[rows]
+        in_s = torch.isfinite(a)
+        z_s = z.gather(1, ids).masked_fill(~in_s, float("-inf"))
+        rest = z.scatter(1, torch.where(in_s, ids, ids[:, :1]), float("-inf"))
+        lse_rest = torch.logsumexp(rest, 1)
+        has_tail = torch.isfinite(lse_rest)
+        logq = torch.cat([z_s - lse[:, None], (lse_rest - lse)[:, None]], 1)
+        logp = teacher_class_logprobs(a, teacher_tail[rows].masked_fill(~has_tail, float("-inf")), 1.0)
+        valid = torch.cat([in_s, has_tail[:, None]], 1)
+        sums["kl"] += divergence("forward_kld", logp, logq, valid).sum().item()
+        sums["top1"] += (z.argmax(1) == ids[:, 0]).sum().item()
+        targets = batch["targets"][rows]
+        sums["ce"] += (lse - z.gather(1, targets[:, None]).squeeze(1)).sum().item()
+    sums["teacher_ce"] += -target_lp.sum().item()
+    sums["tokens"] += int(batch["targets"].numel())
+    sums["samples"] += len(items)
