@@ -58,7 +58,8 @@ def _text(info: dict[str, Any]) -> str:
         f"tokens           {info['tokens']:,} ({info['response_tokens']:,} response tokens)",
         f"k                {info['k']}",
         f"size             {info['bytes']:,} bytes in {info['shards']} shards: "
-        f"{_fmt(info['bytes_per_token'])} B/token, {_fmt(info['bytes_per_response_token'])} B/response token, "
+        f"{_fmt(info['bytes_per_token'])} B/token, "
+        f"{_fmt(info['bytes_per_response_token'])} B/response token, "
         f"{_fmt(info['bytes_per_topk_entry'])} B/top-k entry",
     ]
     for key in ("teacher", "tokenizer", "codec", "dataset", "mode", "sampling", "stats"):

@@ -1,4 +1,4 @@
-"""LogitCacheReader: identity and integrity checks, shuffle determinism, rank/worker coverage, resume, joins."""
+"""LogitCacheReader: identity and integrity checks, shuffling, rank/worker coverage, resume, joins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LogitCacheWriter: shards + manifest, identity checks, resume after SIGKILL, several writers, plain pyarrow."""
+"""LogitCacheWriter: shards + manifest, identity checks, SIGKILL resume, several writers, plain pyarrow."""
 
 from __future__ import annotations
 
