@@ -1,0 +1,171 @@
+"""`pipeline train-student`: stream the logit cache into a LoRA (or fully trained) student.
+
+Recipe: check config -> open the cache(s), checking the student's tokenizer against the cache's ->
+student + LoRA -> KDTrainer (transformers.Trainer driven by the `training` section) -> adapter (or full
+model), tokenizer, resolved config and final metrics in `training.output_dir`; `merged_model/` on
+request. Works under `torchrun` (DDP, gloo on CPU): each rank reads its own slice of the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.cache import LogitCacheReader
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
+from pipeline.lora import wrap_student
+from pipeline.losses import KDLossSpec
+from pipeline.models import check_model_path, load_tokenizer, tokenizer_fingerprint
+from pipeline.student import collate
+
+log = logging.getLogger(__name__)
+
+RESOLVED_CONFIG = "distill_config.json"
+METRICS = "metrics.json"
+LOG_FILE = "log.jsonl"
+# Fixed by the stage: the stream does its own sharding and resume (see pipeline.kd_trainer).
+_FIXED_ARGS = {"ignore_data_skip": True, "remove_unused_columns": False}
+
+
+def run(config: Config, *, resume: bool) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    student_path, output_dir = _check_config(config)
+    tokenizer = load_tokenizer(student_path, role="student")
+    readers = open_caches(config, tokenizer_fingerprint(tokenizer))
+    checkpoint = _checkpoint(output_dir, resume, get_last_checkpoint)
+
+    training = dict(config.training)
+    if training.get("gradient_checkpointing") and config.lora.enable:
+        # Reentrant checkpointing needs inputs that require grad, which frozen embeddings do not give.
+        training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    args = TrainingArguments(**{**training, **_FIXED_ARGS})
+    stream = CacheStream(
+        readers,
+        seed=config.dataset.seed,
+        rank=args.process_index,
+        world_size=args.world_size,
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=_collator(tokenizer, config.distillation.max_seq_length),
+    )
+    if args.max_steps <= 0:  # an endless stream: the epochs become steps (same count on every rank)
+        most = math.ceil(readers[0].rank_num_samples(0, args.world_size) / args.per_device_train_batch_size)
+        args.max_steps = math.ceil(args.num_train_epochs * most / args.gradient_accumulation_steps)
+
+    set_seed(args.seed)  # LoRA init
+    model = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    model = wrap_student(model, config.lora)
+    trainer = KDTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        loss_spec=KDLossSpec.from_config(config.distillation, len(readers)),
+        chunk_size=config.distillation.chunk_size,
+        stream=stream,
+        callbacks=[JsonlLogger(output_dir / LOG_FILE)],
+    )
+    if checkpoint is not None:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        stream.start = state["global_step"] * args.gradient_accumulation_steps
+        log.info("resuming from %s (step %d)", checkpoint, state["global_step"])
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(output_dir))
+
+    metrics = {
+        **result.metrics,
+        "global_step": result.global_step,
+        "cache_samples": readers[0].num_samples,
+        "epochs": trainer.state.epoch,
+        "last_log": next((e for e in reversed(trainer.state.log_history) if "kd" in e), None),
+    }
+    summary = {"output_dir": str(output_dir), "metrics": metrics}
+    if trainer.is_world_process_zero():
+        (output_dir / RESOLVED_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (output_dir / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        if config.lora.enable and config.lora.save_merged_model:
+            from stages import merge
+
+            summary["merged"] = merge.run(student_path, output_dir, output_dir / "merged_model")
+    log.info("student written to %s: %s", output_dir, json.dumps(metrics))
+    return summary
+
+
+def open_caches(config: Config, fingerprint: dict[str, Any]) -> list[LogitCacheReader]:
+    """One reader per teacher, in `models.teacher` order, each checked against the student's tokenizer.
+
+    `dataset.logits_path` is one cache, or a folder of one cache per teacher (matched to the teachers
+    by the teacher path recorded in each cache).
+    """
+    root = config.dataset.logits_path
+    if root is None:
+        raise UserError("`dataset.logits_path` is not set: train-student reads the teacher's logit cache.")
+    if (root / "manifest.json").is_file():
+        dirs = [root]
+    else:
+        dirs = sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+        if not dirs:
+            raise UserError(
+                f"`dataset.logits_path` {root} holds no logit cache (no manifest.json, nor in any "
+                "subfolder): run gen-logits first."
+            )
+    readers = [LogitCacheReader(d) for d in dirs]
+    for reader in readers:
+        found = reader.manifest.identity.get("tokenizer", {})
+        if found.get("hash") != fingerprint["hash"]:
+            raise UserError(
+                f"The cache {reader.cache_dir} was made with a different tokenizer than the student's "
+                f"(vocabulary {found.get('vocab_size')} vs {fingerprint['vocab_size']} tokens, hash "
+                f"{str(found.get('hash'))[:12]} vs {fingerprint['hash'][:12]}): the cached token ids would "
+                "mean other tokens to the student. Use a student that shares the teacher's tokenizer."
+            )
+    teachers = [str(t) for t in config.models.teacher]
+    if len(readers) > 1 and teachers:
+        by_teacher = {str(r.manifest.identity.get("teacher", {}).get("path")): r for r in readers}
+        unmatched = [t for t in teachers if t not in by_teacher]
+        if unmatched or len(teachers) != len(readers):
+            raise UserError(
+                f"`models.teacher` lists {teachers}, the caches under {root} were made by "
+                f"{sorted(by_teacher)}: they must be the same teachers."
+            )
+        readers = [by_teacher[t] for t in teachers]
+    weights = config.distillation.teacher_weights
+    if weights is not None and len(weights) != len(readers):
+        raise UserError(
+            f"`distillation.teacher_weights` has {len(weights)} entries for {len(readers)} teacher caches."
+        )
+    return readers
+
+
+def _check_config(config: Config) -> tuple[str, Path]:
+    if config.models.student is None:
+        raise UserError("`models.student` is not set: train-student needs the student model.")
+    output_dir = config.training.get("output_dir")
+    if not output_dir:
+        raise UserError("`training.output_dir` is not set: train-student writes the student there.")
+    return check_model_path(config.models.student, "student"), Path(output_dir)
+
+
+def _checkpoint(output_dir: Path, resume: bool, get_last_checkpoint: Any) -> str | None:
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume and last is None:
+        raise UserError(f"--resume: {output_dir} holds no checkpoint-* folder to resume from.")
+    if not resume and last is not None:
+        raise UserError(
+            f"{output_dir} already holds checkpoints ({Path(last).name}): pass --resume to continue "
+            "that run, or choose another `training.output_dir`."
+        )
+    return last
+
+
+def _collator(tokenizer: Any, max_seq_length: int) -> functools.partial:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    return functools.partial(collate, pad_id=pad_id, max_seq_length=max_seq_length)  # picklable for workers
