@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat all variants in turn; best round counts")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat all variants; best round counts")
     return parser.parse_args(argv)
 
 
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     first = next(iter(runs.values()))[0]
     print(f"student {first['params_m']:.1f}M params, {first['threads']} threads, "
-          f"batch {args.batch}x{args.seq}, {args.response} response positions, k={args.k}, vocab {args.vocab}, chunk {args.chunk_size}")
+          f"batch {args.batch}x{args.seq}, {args.response} response positions, k={args.k}, "
+          f"vocab {args.vocab}, chunk {args.chunk_size}")
     print(f"{'variant':8} {'step s':>8} {'x ce':>6} {'cpu s':>8} {'x ce':>6} {'peak MB':>9} {'x ce':>6}")
     base = result.get("ce")
     for variant, r in result.items():
