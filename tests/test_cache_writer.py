@@ -118,6 +118,16 @@ def test_thread_error_reraises_in_producer(tmp_path):
     assert not load_manifest(tmp_path).is_complete
 
 
+def test_exception_in_block_keeps_finished_samples_but_not_completion(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=4) as writer:
+            for i in range(6):
+                writer.add(record(i))
+            raise KeyboardInterrupt
+    m = load_manifest(tmp_path)
+    assert m.num_samples == 6 and not m.is_complete
+
+
 def test_shape_errors_raise_at_add(tmp_path):
     with LogitCacheWriter(tmp_path, IDENTITY, background=False) as writer:
         with pytest.raises(ValueError, match="k=8"):

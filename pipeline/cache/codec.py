@@ -20,8 +20,13 @@ Each of the four coded columns is one `binary` value: a list of streams, each st
   one byte each, rank-major ([k, R], so equal ranks sit together), 255 = escape to the next
   uint32 of stream 1. -inf (k larger than the number of non-zero probabilities) has its own code
   below the grid; finite log-probs below -1000 are stored as -1000 (exp(-1000) is 0 even in float64).
-- ``target_logprobs`` and ``tail_logmass`` (1 stream each): -U on the same grid as uint32 [R]
-  (tail -inf when the top-k holds all the mass).
+- ``target_logprobs`` (3 streams), same grid: per position the index j of the first top-k entry
+  with the target's code (the target token is usually among the top-k), one byte each with 255 =
+  escape to a uint32 of stream 1; j == k means "no such entry": the code -U is the next uint32 of
+  stream 2.
+- ``tail_logmass`` (2 streams), same grid: zigzag(-U_tail - (-U of the row's last entry)), one byte
+  each with 255 = escape to a uint32 of stream 1 (the tail is near the last entry's log-prob;
+  -inf, when the top-k holds all the mass, has its own code).
 
 Decoding is a zstd decompress, a cumulative sum and table look-ups: no per-position Python loop.
 """

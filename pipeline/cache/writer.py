@@ -124,7 +124,9 @@ class LogitCacheWriter:
             self.identity: dict[str, Any] = json.loads(json.dumps(full))
         except TypeError as exc:
             raise ValueError(f"identity must be JSON-serializable: {exc}") from None
-        self.k = int(self.identity["k"])
+        if not isinstance(self.identity.get("k"), int) or self.identity["k"] < 1:
+            raise ValueError(f"identity['k'] must be an int >= 1, got {self.identity.get('k')!r}")
+        self.k = self.identity["k"]
         self._identity_hash = identity_hash(self.identity)
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
