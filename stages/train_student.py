@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
 from pipeline.lora import wrap_student
 from pipeline.losses import KDLossSpec
-from pipeline.models import check_model_path, load_tokenizer, tokenizer_fingerprint
+from pipeline.models import check_model_path, check_same_vocab, load_tokenizer, tokenizer_fingerprint
 from pipeline.student import collate
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
 
     student_path, output_dir = _check_config(config)
     tokenizer = load_tokenizer(student_path, role="student")
-    readers = open_caches(config, tokenizer_fingerprint(tokenizer))
+    readers = open_caches(config, tokenizer)
     checkpoint = _checkpoint(output_dir, resume, get_last_checkpoint)
 
     training = dict(config.training)
@@ -99,7 +99,7 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
     return summary
 
 
-def open_caches(config: Config, fingerprint: dict[str, Any]) -> list[LogitCacheReader]:
+def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
     """One reader per teacher, in `models.teacher` order, each checked against the student's tokenizer.
 
     `dataset.logits_path` is one cache, or a folder of one cache per teacher (matched to the teachers
@@ -119,14 +119,7 @@ def open_caches(config: Config, fingerprint: dict[str, Any]) -> list[LogitCacheR
             )
     readers = [LogitCacheReader(d) for d in dirs]
     for reader in readers:
-        found = reader.manifest.identity.get("tokenizer", {})
-        if found.get("hash") != fingerprint["hash"]:
-            raise UserError(
-                f"The cache {reader.cache_dir} was made with a different tokenizer than the student's "
-                f"(vocabulary {found.get('vocab_size')} vs {fingerprint['vocab_size']} tokens, hash "
-                f"{str(found.get('hash'))[:12]} vs {fingerprint['hash'][:12]}): the cached token ids would "
-                "mean other tokens to the student. Use a student that shares the teacher's tokenizer."
-            )
+        check_cache_tokenizer(reader, tokenizer)
     teachers = [str(t) for t in config.models.teacher]
     if len(readers) > 1 and teachers:
         by_teacher = {str(r.manifest.identity.get("teacher", {}).get("path")): r for r in readers}
@@ -143,6 +136,27 @@ def open_caches(config: Config, fingerprint: dict[str, Any]) -> list[LogitCacheR
             f"`distillation.teacher_weights` has {len(weights)} entries for {len(readers)} teacher caches."
         )
     return readers
+
+
+def check_cache_tokenizer(reader: LogitCacheReader, tokenizer: Any) -> None:
+    """The cache's token ids must mean the same tokens to the student: equal tokenizer hashes, or (as
+    gen-logits accepts) the teacher's vocabulary contained id for id in the student's."""
+    found = reader.manifest.identity.get("tokenizer", {})
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if found.get("hash") == fingerprint["hash"]:
+        return
+    teacher = str(reader.manifest.identity.get("teacher", {}).get("path"))
+    if Path(teacher).is_dir():  # the hash also covers special-token names: compare the vocabularies
+        teacher_tokenizer = load_tokenizer(teacher, role="teacher")
+        if tokenizer_fingerprint(teacher_tokenizer)["hash"] == found.get("hash"):
+            check_same_vocab(teacher_tokenizer, teacher, tokenizer, "the student")
+            return
+    raise UserError(
+        f"The cache {reader.cache_dir} was made with a different tokenizer than the student's "
+        f"(vocabulary {found.get('vocab_size')} vs {fingerprint['vocab_size']} tokens, hash "
+        f"{str(found.get('hash'))[:12]} vs {fingerprint['hash'][:12]}): its token ids would mean other "
+        "tokens to the student. Use a student that shares the teacher's tokenizer."
+    )
 
 
 def _check_config(config: Config) -> tuple[str, Path]:

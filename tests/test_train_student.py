@@ -100,15 +100,17 @@ def load_adapter(student: Path, out: Path):
 def test_kd_lowers_held_out_kl_more_than_ce_only(tmp_path, caches, tiny_student_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_student_dir).eval()
     before = held_out_kl(base, caches["held_out"])
-    after = {}
+    after, summary_kd = {}, None
     for name, kd_ratio in (("kd", 0.9), ("ce", 0.0)):
         out = tmp_path / name
         config = make_config(
-            out, caches["train"], tiny_student_dir, distillation={"kd_ratio": kd_ratio}, learning_rate=2e-2
+            out, caches["train"], tiny_student_dir, distillation={"kd_ratio": kd_ratio}, learning_rate=2e-2,
+            lora={"save_merged_model": name == "kd"},
         )
         summary = train_student.run(config, resume=False)
         assert summary["metrics"]["global_step"] == 30
         after[name] = held_out_kl(load_adapter(tiny_student_dir, out), caches["held_out"])
+        summary_kd = summary if name == "kd" else summary_kd
     # A random-init student's small output head limits how far LoRA can move it in 30 steps (~0.93 -> 0.90
     # nats); CE on the dataset's own tokens moves away from the teacher.
     assert after["kd"] < before - 0.015, (before, after)
@@ -122,6 +124,9 @@ def test_kd_lowers_held_out_kl_more_than_ce_only(tmp_path, caches, tiny_student_
     logs = [json.loads(line) for line in (out / train_student.LOG_FILE).read_text().splitlines()]
     train_logs = [e for e in logs if "kd" in e]
     assert [e["step"] for e in train_logs] == [5, 10, 15, 20, 25, 30]
+    assert summary_kd["merged"]["check"]["max_abs_diff"] <= 1e-4
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        assert (out / "merged_model" / name).is_file(), name
     assert train_logs[-1]["kd"] < train_logs[0]["kd"]
     # loss = 0.1 CE + 0.9 KD per token, up to the Trainer averaging steps of different token counts
     assert abs(train_logs[-1]["loss"] - (0.1 * train_logs[-1]["ce"] + 0.9 * train_logs[-1]["kd"])) < 0.2
@@ -278,6 +283,12 @@ def test_tokenizer_mismatch_fails_before_training(tmp_path, caches, tiny_student
     with pytest.raises(UserError, match="different tokenizer"):
         train_student.run(make_config(tmp_path / "out", cache, tiny_student_dir), resume=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_hash_differs_but_ids_agree(caches, tiny_tokenizer_dir):
+    """Same token ids, other special-token names (so another hash): accepted, as gen-logits accepts it."""
+    reader = LogitCacheReader(caches["train"])
+    train_student.check_cache_tokenizer(reader, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
 
 
 def test_missing_target_modules_fail_before_training(tmp_path, caches, tiny_student_dir):
