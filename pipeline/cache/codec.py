@@ -179,9 +179,11 @@ class TopKCodec:
         codes = np.cumsum(gaps, axis=0, dtype=np.int32).T
         w0, wesc, explicit = _unpack(fields["target_logprobs"], 3)
         where = _join_escapes(np.frombuffer(w0, np.uint8), wesc, rows)
-        padded = np.concatenate([codes, np.zeros((rows, 1), np.int32)], axis=1)  # column k: explicit
-        target = padded[np.arange(rows), where]
+        if rows and where.max() > k:
+            raise ValueError(f"target index {int(where.max())} > k = {k}")
         outside = where == k
+        target = np.empty(rows, np.int32)
+        target[~outside] = codes[np.flatnonzero(~outside), where[~outside]]
         target[outside] = _checked(np.frombuffer(explicit, "<u4"), np.count_nonzero(outside), "target")
         t0, tesc = _unpack(fields["tail_logmass"], 2)
         zigzag = _join_escapes(np.frombuffer(t0, np.uint8), tesc, rows)
