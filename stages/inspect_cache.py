@@ -46,7 +46,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.4g}"
     return "-" if value is None else str(value)
 
 

@@ -132,6 +132,10 @@ def test_shape_errors_raise_at_add(tmp_path):
     with LogitCacheWriter(tmp_path, IDENTITY, background=False) as writer:
         with pytest.raises(ValueError, match="k=8"):
             writer.add(record(0, k=4))
+        bad = record(0)
+        bad.positions = bad.positions - bad.positions[0]  # position 0 predicts nothing
+        with pytest.raises(ValueError, match="positions must ascend within"):
+            writer.add(bad)
 
 
 def test_resume_continues_and_reports_completed_ids(tmp_path):

@@ -220,6 +220,11 @@ class LogitCacheWriter:
             )
         if np.ndim(r.input_ids) != 1:
             raise ValueError(f"sample {r.sample_id}: input_ids must be 1-D")
+        positions = np.asarray(r.positions)
+        if rows and (
+            positions[0] < 1 or positions[-1] >= len(r.input_ids) or (np.diff(positions) <= 0).any()
+        ):
+            raise ValueError(f"sample {r.sample_id}: positions must ascend within [1, {len(r.input_ids)})")
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
