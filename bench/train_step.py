@@ -10,6 +10,7 @@ student (vocab 32k, hidden 512, 10 layers), LoRA r=16 on the seven projections, 
 tokens with 384 response positions, k = 64, 3 timed steps after one warm-up step.
 
     python bench/train_step.py                  # all three, table + JSON summary
+    python bench/train_step.py --threads 1      # work per step, when other jobs share the cores
     python bench/train_step.py --variant kd     # one variant (what the parent runs per subprocess)
 """
 
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="repeat all variants; best round counts")
+    parser.add_argument("--threads", type=int, help="torch threads (1 measures work on a busy shared host)")
     return parser.parse_args(argv)
 
 
@@ -105,6 +107,8 @@ def dense_step(model, batch, args) -> torch.Tensor:
 
 
 def run_variant(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, batch = build(args)
     step_fn = {"ce": ce_step, "kd": kd_step, "dense": dense_step}[args.variant]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

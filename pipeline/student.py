@@ -157,17 +157,30 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         ce_total = hidden.new_zeros((), dtype=torch.float32)
         kd_total = hidden.new_zeros((), dtype=torch.float32)
+        # The head's matmuls run in the autocast dtype when mixed precision is on (out= escapes autocast).
+        device = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(mm_dtype)
+        b = None if bias is None else bias.to(mm_dtype)
+        # One logits buffer for all chunks: each chunk's logits become its gradient in place and are
+        # dead after the two matmuls, and a fresh [chunk, vocab] allocation costs page faults each time.
+        workspace = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=mm_dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = min(chunk_size, hidden.shape[0] - start)
-            h = hidden.narrow(0, start, rows)
-            z = torch.nn.functional.linear(h, weight, bias).float()
+            h = hidden.narrow(0, start, rows).to(mm_dtype)
+            z = workspace.narrow(0, 0, rows)
+            if b is None:
+                torch.matmul(h, w.t(), out=z)
+            else:
+                torch.addmm(b, h, w.t(), out=z)
             ce, kd, dz = chunk_loss_and_grad(
-                z, targets.narrow(0, start, rows), [t.narrow(start, rows) for t in teachers], spec, w_ce, w_kd
+                z.float(), targets.narrow(0, start, rows), [t.narrow(start, rows) for t in teachers], spec,
+                w_ce, w_kd,
             )
             ce_total += ce
             kd_total += kd
             if grad_hidden is not None:
-                grad_hidden.narrow(0, start, rows).copy_(dz.to(weight.dtype) @ weight)
+                grad_hidden.narrow(0, start, rows).copy_(dz.to(mm_dtype) @ w)
             if grad_weight is not None:
                 grad_weight.addmm_(dz.t(), h.float())
             if grad_bias is not None:
