@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.losses import KDLossSpec
 from pipeline.records import CacheSample
 from pipeline.student import ChunkedHeadLoss, collate, distillation_loss, output_head, teacher_rows
-from tests.test_losses import make_teacher, reference
+from test_losses import make_teacher, reference
 
 
 def sample(sample_id: str, input_ids: list[int], positions: list[int], vocab: int, k: int, seed: int):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cache import LogitCacheReader, LogitCacheWriter
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, load_config
 from pipeline.data import load_samples
 from pipeline.errors import UserError
 from pipeline.losses import KDLossSpec
@@ -191,12 +191,11 @@ def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, caches, tiny_st
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint-10").is_dir()
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
-    again = run_cli(["train-student", "--config", str(config["killed"])])
-    assert again.returncode == 2 and "--resume" in again.stderr  # never silently restarts over checkpoints
+    with pytest.raises(UserError, match="--resume"):  # never silently restarts over checkpoints
+        train_student.run(load_config(config["killed"]), resume=False)
     resumed = run_cli(["train-student", "--config", str(config["killed"]), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    straight = run_cli(["train-student", "--config", str(config["straight"])])
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    train_student.run(load_config(config["straight"]), resume=False)
 
     want = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     got = load_file(tmp_path / "killed" / "adapter_model.safetensors")
