@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_losses import make_teacher, reference
 from transformers import AutoModelForCausalLM
 
 from pipeline.losses import KDLossSpec
 from pipeline.records import CacheSample
 from pipeline.student import ChunkedHeadLoss, collate, distillation_loss, output_head, teacher_rows
-from test_losses import make_teacher, reference
 
 
 def sample(sample_id: str, input_ids: list[int], positions: list[int], vocab: int, k: int, seed: int):
