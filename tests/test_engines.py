@@ -30,8 +30,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def make_config(dataset: Path, engine: str, **inference):
     raw = {
         "dataset": {"labeled_path": str(dataset)},
-        "inference": {"engine": engine, "top_logits_num": K, "chunk_size": 32, "gpu_memory_utilization": 0.15,
-                      "dtype": "float32", **inference},
+        "inference": {
+            "engine": engine,
+            "top_logits_num": K,
+            "chunk_size": 32,
+            "gpu_memory_utilization": 0.15,
+            "dtype": "float32",
+            "enforce_eager": True,
+            **inference,
+        },
         "distillation": {"max_seq_length": 1024},
     }
     return config_from_dict(raw, Path("."))
