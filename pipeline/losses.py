@@ -16,10 +16,11 @@ log r; DESIGN.md "Losses"):
     loss     (1 - kd_ratio) * CE + kd_ratio * T^2 * KD, each a SUM over tokens divided once by the
              number of response tokens of the whole optimizer step (the caller's `num_tokens`).
 
-Conventions for degenerate entries (never NaN): a top-k entry with log-prob -inf is no class on either
-side (its student mass falls into the tail); when S covers the whole vocabulary there is no tail class;
-a teacher tail of exactly zero mass (float32 rounding of 1 - sum p) is floored at exp(LOG_PROB_FLOOR)
-in reverse_kld, whose log p would otherwise be -inf.
+Conventions for degenerate entries (never NaN): a top-k entry with log-prob -inf, or an id beyond the
+student's vocabulary, is no class on either side (a student token it names stays in the tail); when S
+covers the whole vocabulary there is no tail class; a teacher tail of exactly zero mass (float32
+rounding of 1 - sum p) is floored at exp(LOG_PROB_FLOOR) in reverse_kld, whose log p would otherwise
+be -inf.
 
 `chunk_loss_and_grad` returns the values and the gradient with respect to the chunk's logits in one
 pass, so the caller never keeps [positions, vocab] tensors for backward (see pipeline/student.py).
@@ -175,8 +176,12 @@ def chunk_loss_and_grad(
 
     sparse_ids, sparse_grads = [], []
     for teacher, weight in zip(teachers, spec.teacher_weights, strict=True):
-        ids, a = teacher.topk_ids, teacher.topk_logprobs
-        in_s = torch.isfinite(a)  # -inf entries are no class
+        a = teacher.topk_logprobs
+        # -inf entries (and ids beyond the student's vocabulary) are no class. They point at the row's
+        # first real entry, so that scatters leave their own id in the tail and never go out of range.
+        in_s = torch.isfinite(a) & (teacher.topk_ids < z.shape[1])
+        first = teacher.topk_ids.gather(1, in_s.int().argmax(1, keepdim=True)).clamp(max=z.shape[1] - 1)
+        ids = torch.where(in_s, teacher.topk_ids, first)
         u_s = u.gather(1, ids).masked_fill(~in_s, _NEG_INF)
         w = w_kd * weight / T  # d u / d z = 1 / T
         if not bucket:
@@ -190,8 +195,7 @@ def chunk_loss_and_grad(
             kd_sum = kd_sum + weight * rows.sum()
             continue
         buf = take_u()
-        # Redirect -inf entries to the (always finite) top-1 id so they leave their own id in the tail.
-        buf.scatter_(1, torch.where(in_s, ids, ids[:, :1]), _NEG_INF)
+        buf.scatter_(1, ids, _NEG_INF)
         lse_rest, inv_rest = _exp_rows_(buf)  # buf = exp(u - rowmax) outside S, 0 on S
         has_tail = torch.isfinite(lse_rest)
         lse = torch.logaddexp(lse_rest, torch.logsumexp(u_s, 1))

@@ -149,13 +149,13 @@ def test_tail_stable_when_topk_holds_almost_all_mass():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_minus_inf_topk_entries_are_no_class(kind, tail):
-    """-inf entries (padding, duplicate id 0) give finite values and the loss of the finite entries alone."""
+    """-inf entries (padding: id 0 twice, an id beyond the vocabulary) change nothing and give no NaN."""
     n, vocab = 6, 40
     gen = torch.Generator().manual_seed(7)
     z = torch.randn(n, vocab, generator=gen, dtype=torch.float64)
     full = make_teacher(n, vocab, 5, seed=8)
     padded = TeacherRows(
-        torch.cat([full.topk_ids, torch.zeros(n, 3, dtype=torch.long)], 1),
+        torch.cat([full.topk_ids, torch.tensor([[0, 0, vocab + 7]]).expand(n, 3)], 1),
         torch.cat([full.topk_logprobs, torch.full((n, 3), -float("inf"))], 1),
         full.tail_logmass,
     )
