@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,19 +60,25 @@ class OutputHead:
         self.vocab_size = weight.shape[0]
         self.logit_scale = logit_scale
         self.softcap = softcap
-        self._padded: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._padded: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
 
-    def padded_weight(self, dtype: torch.dtype, groups: int) -> torch.Tensor:
-        key = (dtype, groups)
+    def to(self, device: torch.device | str) -> OutputHead:
+        self.weight = self.weight.to(device)
+        self._padded.clear()
+        return self
+
+    def padded_weight(self, like: torch.Tensor, groups: int) -> torch.Tensor:
+        """The weight in `like`'s dtype and device, padded to a multiple of `groups` rows."""
+        key = (like.dtype, like.device, groups)
         if key not in self._padded:  # converted and padded once, not per chunk
             pad = -self.vocab_size % groups
-            weight = self.weight.to(dtype)
+            weight = self.weight.to(device=like.device, dtype=like.dtype)
             self._padded[key] = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight
         return self._padded[key]
 
     def logits(self, hidden: torch.Tensor, groups: int) -> torch.Tensor:
         """[n, V padded to a multiple of `groups`] logits in the hidden states' dtype; padding is -inf."""
-        logits = hidden @ self.padded_weight(hidden.dtype, groups).T
+        logits = hidden @ self.padded_weight(hidden, groups).T
         if self.logit_scale != 1.0:
             logits.mul_(self.logit_scale)
         if self.softcap is not None:
@@ -116,16 +123,28 @@ def head_transforms(config: dict) -> dict:
 
 
 def topk_from_hidden(
-    hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, k: int, chunk_size: int
+    hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, k: int, chunk_size: int, workers: int = 1
 ) -> TopKResult:
-    """Top-k of softmax(head(hidden)) for each row; hidden [n, H] holds the states at positions t-1."""
+    """Top-k of softmax(head(hidden)) for each row; hidden [n, H] holds the states at positions t-1.
+
+    `workers` > 1 runs chunks in that many threads with one intra-op thread each: chunks share
+    nothing, so a thread the OS deschedules delays only its own chunk, while OpenMP threads spin at
+    every op's barrier (10x slower than one thread on a busy 2-core host, measured).
+    """
     groups = num_groups(head.vocab_size, k)
-    parts = [
-        _select(
-            head.logits(hidden[i : i + chunk_size], groups), head.vocab_size, targets[i : i + chunk_size], k
-        )
-        for i in range(0, hidden.shape[0], chunk_size)
-    ]
+    targets = targets.to(hidden.device)
+    head.padded_weight(hidden, groups)  # converted once, before any worker thread needs it
+
+    def chunk(start: int) -> TopKResult:
+        rows = slice(start, start + chunk_size)
+        return _select(head.logits(hidden[rows], groups), head.vocab_size, targets[rows], k)
+
+    starts = range(0, hidden.shape[0], chunk_size)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            parts = list(pool.map(chunk, starts))
+    else:
+        parts = [chunk(start) for start in starts]
     return TopKResult.cat(parts) if len(parts) != 1 else parts[0]
 
 
@@ -157,7 +176,8 @@ def _select(logits: torch.Tensor, vocab: int, targets: torch.Tensor, k: int) -> 
     member_index = chosen[:, None, :].expand(n, rows_per_group, k)
     members = xg.gather(2, member_index).reshape(n, rows_per_group * k).float()
     top_vals, top_slots = torch.topk(members, k, dim=1)  # sorted descending
-    member_ids = (chosen[:, None, :] + groups * torch.arange(rows_per_group)[None, :, None]).reshape(n, -1)
+    offsets = groups * torch.arange(rows_per_group, device=logits.device)
+    member_ids = (chosen[:, None, :] + offsets[None, :, None]).reshape(n, -1)
     top_ids = member_ids.gather(1, top_slots)
 
     # Mass outside the top-k = the groups not chosen + the chosen groups' members outside the top-k.

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.cache import LogitCacheReader, LogitCacheWriter, load_manifest
 from pipeline.config import Config
 from pipeline.data import TokenizedSample, dataset_identity, load_samples
-from pipeline.engines import ENGINES, GenerationRequest, engine_version, make_engine, sample_seed
+from pipeline.engines import GenerationRequest, engine_version, make_engine, sample_seed
 from pipeline.errors import UserError
 from pipeline.models import (
     check_model_path,
@@ -42,7 +42,6 @@ from pipeline.models import (
 )
 
 log = logging.getLogger(__name__)
-MODES = ("score", "generate")
 
 
 def run(config: Config, *, part: int = 0, num_parts: int = 1, overwrite: bool = False) -> dict[str, Any]:
@@ -82,8 +81,7 @@ def run(config: Config, *, part: int = 0, num_parts: int = 1, overwrite: bool = 
                 todo = _generate(config, teacher, cache_dir / f"generations-{writer_id}.jsonl", mine, done)
             else:
                 todo = _sequences_from(dirs[0], [s.sample_id for s in mine if s.sample_id not in done])
-            counts = _score(config, teacher, todo, writer, label=f"{cache_dir.name or cache_dir}")
-            writer.close(stats)
+            counts = _score(config, teacher, todo, writer, stats, label=cache_dir.name or str(cache_dir))
         per_teacher.append(
             {"teacher": str(teacher), "cache": str(cache_dir), "skipped_done": len(done), **counts}
         )
@@ -105,20 +103,11 @@ def cache_dirs(config: Config) -> list[Path]:
 
 
 def _check_config(config: Config, part: int, num_parts: int) -> None:
-    inference = config.inference
+    """What load_config cannot check alone (types and ranges it does check)."""
     if not config.models.teacher:
         raise UserError("`models.teacher` is empty: name at least one teacher model directory.")
     if config.dataset.logits_path is None:
         raise UserError("`dataset.logits_path` is not set: it is where gen-logits writes the cache.")
-    if inference.mode not in MODES:
-        raise UserError(f"`inference.mode` must be one of {list(MODES)}, got {inference.mode!r}.")
-    if inference.engine not in ENGINES:
-        raise UserError(f"`inference.engine` must be one of {list(ENGINES)}, got {inference.engine!r}.")
-    if inference.top_logits_num < 1:
-        raise UserError(f"`inference.top_logits_num` must be at least 1, got {inference.top_logits_num}.")
-    for key in ("batch_size", "rows_per_shard", "chunk_size", "max_new_tokens"):
-        if getattr(inference, key) < 1:
-            raise UserError(f"`inference.{key}` must be at least 1, got {getattr(inference, key)}.")
     if num_parts < 1 or not 0 <= part < num_parts:
         raise UserError(f"--part {part} --num-parts {num_parts}: need 0 <= part < num-parts.")
 
@@ -188,11 +177,18 @@ def _batches(samples: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def _score(
-    config: Config, teacher: Path, todo: list[TokenizedSample], writer: LogitCacheWriter, label: str
-) -> dict[str, int]:
-    """Score `todo` with a freshly loaded teacher, feeding the writer; no engine start when empty."""
-    counts = {"samples": len(todo), "tokens": 0, "response_tokens": 0}
+    config: Config,
+    teacher: Path,
+    todo: list[TokenizedSample],
+    writer: LogitCacheWriter,
+    stats: dict[str, Any],
+    label: str,
+) -> dict[str, Any]:
+    """Score `todo` with a freshly loaded teacher into the writer and close it; no engine start when
+    there is nothing to do. `score_s` runs from the engine being ready to the last shard on disk."""
+    counts: dict[str, Any] = {"samples": len(todo), "tokens": 0, "response_tokens": 0, "score_s": 0.0}
     if not todo:
+        writer.close(stats)
         return counts
     with (
         make_engine(config, teacher, task="score") as engine,
@@ -200,6 +196,7 @@ def _score(
             total=sum(len(s.input_ids) for s in todo), unit="tok", unit_scale=True, desc=f"score {label}"
         ) as bar,
     ):
+        started = time.time()
         for records in engine.score(_batches(todo, config.inference.batch_size)):
             for record in records:
                 writer.add(record)
@@ -207,6 +204,8 @@ def _score(
             counts["tokens"] += tokens
             counts["response_tokens"] += sum(len(r.positions) for r in records)
             bar.update(tokens)
+        writer.close(stats)  # the last shard, before the engine shuts down
+        counts["score_s"] = round(time.time() - started, 3)
     return counts
 
 
@@ -296,6 +295,7 @@ def _remove_part(cache_dir: Path, writer_id: str, *, whole: bool) -> None:
 
 def _summary(per_teacher: list[dict[str, Any]], dirs: list[Path], wall: float) -> dict[str, Any]:
     tokens = sum(t["tokens"] for t in per_teacher)
+    score_s = sum(t["score_s"] for t in per_teacher)
     manifests = [load_manifest(d) for d in dirs]
     stored_bytes = sum(m.num_bytes for m in manifests)
     stored_tokens = sum(m.num_response_tokens for m in manifests)
@@ -306,5 +306,7 @@ def _summary(per_teacher: list[dict[str, Any]], dirs: list[Path], wall: float) -
         "bytes_per_token": round(stored_bytes / stored_tokens, 2) if stored_tokens else None,
         "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        # Without model loading and tokenizing: what a long run converges to.
+        "score_tokens_per_s": round(tokens / score_s, 1) if score_s > 0 else None,
         "teachers": per_teacher,
     }

@@ -41,8 +41,15 @@ def assert_matches(result, logits: torch.Tensor, targets: torch.Tensor, k: int, 
 
 @pytest.mark.parametrize(
     "vocab,k,scale",
-    [(1024, 64, 4.0), (1000, 64, 8.0), (8192, 64, 3.0), (130, 64, 2.0), (97, 5, 4.0), (64, 64, 1.0),
-     (50, 1, 6.0)],
+    [
+        (1024, 64, 4.0),
+        (1000, 64, 8.0),
+        (8192, 64, 3.0),
+        (130, 64, 2.0),
+        (97, 5, 4.0),
+        (64, 64, 1.0),
+        (50, 1, 6.0),
+    ],
 )
 def test_matches_float64_reference(vocab: int, k: int, scale: float) -> None:
     gen = torch.Generator().manual_seed(vocab + k)
@@ -123,8 +130,13 @@ def _save_qwen2(path: Path, *, tie: bool) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
-        num_key_value_heads=1, tie_word_embeddings=tie,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        tie_word_embeddings=tie,
     )
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(path)

@@ -103,13 +103,16 @@ def records_from_hidden(
     """Top-k records for a batch from each sample's final hidden states [L, H] (after the final norm).
 
     Only rows t-1 for response positions t go through the head, and the rows of the whole batch are
-    processed together so that short responses still fill the head's chunks.
+    processed together so that short responses still fill the head's chunks. On CPU the chunks run
+    in one thread per torch thread; on a GPU (where the head lives then) in one stream.
     """
+    device = head.weight.device
     positions = [torch.as_tensor(s.positions, dtype=torch.long) for s in batch]
-    rows = torch.cat([h[p - 1] for h, p in zip(hidden_states, positions, strict=True)])
+    rows = torch.cat([h[p - 1] for h, p in zip(hidden_states, positions, strict=True)]).to(device)
     targets = torch.cat([torch.as_tensor(s.input_ids)[p] for s, p in zip(batch, positions, strict=True)])
-    result = topk_from_hidden(rows, head, targets, k, chunk_size)
-    columns = [t.numpy() for t in result.astuple()]
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    result = topk_from_hidden(rows, head, targets, k, chunk_size, workers)
+    columns = [t.cpu().numpy() for t in result.astuple()]
     bounds = np.cumsum([0] + [len(p) for p in positions])
     return [
         TeacherTopK(

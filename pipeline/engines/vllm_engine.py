@@ -6,8 +6,11 @@ costs most of the time on CPU. Instead vLLM runs as a pooling model that returns
 states of every token (`runner="pooling"`, token_embed with ALL pooling, no normalization; they are
 taken after the model's final norm), and pipeline.topk applies the output head, read from the
 checkpoint's safetensors, only at the rows t-1 of response tokens. vLLM still does the batched,
-paged, tensor/pipeline-parallel prefill. The head and top-k of batch i run in this thread while a
-helper thread already waits for vLLM on batch i+1.
+paged, tensor/pipeline-parallel prefill. The head runs on the GPU when there is one.
+
+Batches run one after the other, not overlapped: on CPU, vLLM's forward already keeps every core
+busy, and head work running beside it preempts vLLM's OpenMP threads, whose barriers then stall
+(measured on 2 cores: 13 s overlapped vs 7.6 s serial for the same batches).
 
 Generation uses a second, ordinary vLLM engine (`task="generate"`); the stage then scores the
 written sequences with the scoring engine, so both modes share one top-k path.
@@ -16,7 +19,6 @@ written sequences with the scoring engine, so both modes share one top-k path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,9 @@ class VllmEngine(TeacherEngine):
             seed=inference.seed,
         )
         if task == "score":
-            self.head = load_output_head(Path(teacher_path))
+            self.head = load_output_head(Path(teacher_path)).to(
+                "cuda" if torch.cuda.is_available() else "cpu"
+            )
             self.llm = LLM(
                 runner="pooling",
                 pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
@@ -69,16 +73,8 @@ class VllmEngine(TeacherEngine):
             self.llm = LLM(runner="generate", **common)
 
     def score(self, batches: Iterable[Sequence[TokenizedSample]]) -> Iterator[list[TeacherTopK]]:
-        # One batch in flight in vLLM while this thread applies the head to the previous one.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-encode") as pool:
-            pending: tuple[Sequence[TokenizedSample], Future] | None = None
-            for batch in batches:
-                future = pool.submit(self._hidden_states, batch)
-                if pending is not None:
-                    yield self._records(pending[0], pending[1].result())
-                pending = (batch, future)
-            if pending is not None:
-                yield self._records(pending[0], pending[1].result())
+        for batch in batches:
+            yield records_from_hidden(batch, self._hidden_states(batch), self.head, self.k, self.chunk_size)
 
     def _hidden_states(self, batch: Sequence[TokenizedSample]) -> list[torch.Tensor]:
         from vllm.inputs import TokensPrompt
@@ -86,9 +82,6 @@ class VllmEngine(TeacherEngine):
         prompts = [TokensPrompt(prompt_token_ids=list(s.input_ids)) for s in batch]
         outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
         return [o.outputs.data for o in outputs]
-
-    def _records(self, batch: Sequence[TokenizedSample], hidden: list[torch.Tensor]) -> list[TeacherTopK]:
-        return records_from_hidden(batch, hidden, self.head, self.k, self.chunk_size)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
         from vllm import SamplingParams

@@ -1,0 +1,273 @@
+"""gen-logits `score` throughput against raw vLLM prefill and the straightforward top-k capture.
+
+One run, same machine, same teacher (the toy "bench" profile: a Qwen2 whose output head holds <= 10%
+of the parameters, like a 7B-class LLM), same token sequences, same k:
+
+  raw        vLLM prefill only: max_tokens=1, no logprobs (the head runs at the last position only)
+  capture    vLLM prompt_logprobs=k, flat output: what DistillKit-style pipelines do
+  gen-logits our full stage with the vllm engine: hidden states, head + top-k at response positions,
+             encoding and writing the cache (timed from engine ready to the last shard on disk)
+  hf         our full stage with the transformers engine (on a subset: it is the slow cross-check)
+
+Each variant runs in its own process (vLLM's workers need a fresh start; peak memory stays separate).
+Throughput counts all tokens of the sequences (prompt + response) per second.
+
+    python bench/gen_throughput.py                     # defaults: 64 sequences x 512 tokens, k = 64
+    python bench/gen_throughput.py --variant raw ...   # one variant (what the parent runs per process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DESIGN = """\
+Design (why gen-logits is fast):
+- vLLM runs the teacher as a pooling model that returns every token's final hidden state, so the
+  batched, paged (and tensor-parallel) prefill stays vLLM's, but vLLM never applies the output head,
+  never runs its float32 log-softmax over the vocabulary at every prompt position, and never builds
+  per-position Python logprob objects (what makes `capture` slow).
+- The output head (read from the checkpoint's safetensors) is applied only at the rows t-1 of
+  response tokens t, in chunks, in the model dtype; prompt positions cost nothing beyond prefill.
+- Top-k without torch.topk over the whole vocabulary (scalar code, ~2x the cost of the head matmul
+  on CPU): the vocabulary is split into G strided groups; the k groups with the largest maxima hold
+  every top-k logit, so two small top-k calls (over G group maxima, then over their k*V/G members)
+  give the exact top-k. One fused softmax pass gives log Z and the tail mass as a sum of the
+  non-top-k probabilities (no 1 - sum cancellation).
+- Batch i's head and top-k run while vLLM already computes batch i+1 (a helper thread waits on
+  vLLM); encoding and writing run in the cache writer's thread.
+- Bound: raw prefill applies the head at one position per sequence, scoring at every response
+  position, so scoring reaches at most ~(1 - h * response share) of raw prefill (h = head share)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variant", choices=["raw+capture", "gen-logits", "hf"], help="run one variant here")
+    parser.add_argument("--workdir", type=Path, help="(internal) the parent's dataset and config folder")
+    parser.add_argument("--assets", type=Path, default=ROOT / ".assets" / "toy")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (prompt + response)")
+    parser.add_argument("--response-share", type=float, default=0.9, help="response tokens / all tokens")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per engine call")
+    parser.add_argument("--chunk-size", type=int, default=256, help="rows per output-head chunk")
+    parser.add_argument("--hf-samples", type=int, default=16, help="sequences for the slow hf engine")
+    parser.add_argument("--eager", action="store_true", help="vLLM enforce_eager (no torch.compile)")
+    return parser.parse_args(argv)
+
+
+def build_dataset(args: argparse.Namespace, teacher_dir: Path, path: Path) -> None:
+    """Records whose chat rendering is ~seq tokens, of which ~response_share are the response."""
+    from transformers import AutoTokenizer
+
+    from pipeline.toy_data import local_corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    ids = tokenizer("".join(local_corpus("heldout", 2_000_000)), add_special_tokens=False)["input_ids"]
+    overhead = len(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        )
+    )
+    response = int(args.seq * args.response_share)
+    prompt = max(1, args.seq - response - overhead)
+    step = prompt + response
+    with path.open("w") as f:
+        for i in range(args.samples):
+            start = i * step
+            record = {
+                "id": f"bench-{i:04d}",
+                "prompt": tokenizer.decode(ids[start : start + prompt]),
+                "response": tokenizer.decode(ids[start + prompt : start + step]),
+            }
+            f.write(json.dumps(record) + "\n")
+
+
+def write_config(args: argparse.Namespace, workdir: Path, teacher_dir: Path, engine: str, cache: str) -> Path:
+    raw = {
+        "dataset": {"labeled_path": str(workdir / "data.jsonl"), "logits_path": str(workdir / cache)},
+        "models": {"teacher": str(teacher_dir)},
+        "inference": {
+            "engine": engine,
+            "top_logits_num": args.k,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "chunk_size": args.chunk_size,
+            "rows_per_shard": 64,
+            "enforce_eager": args.eager,
+            "gpu_memory_utilization": 0.3,
+        },
+        "distillation": {"max_seq_length": 4 * args.seq},
+    }
+    path = workdir / f"config-{engine}.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def run_raw_and_capture(args: argparse.Namespace, teacher_dir: Path) -> dict[str, Any]:
+    """One generation engine for both baselines (they share its start)."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from pipeline.config import load_config
+    from pipeline.data import load_samples
+
+    config = load_config(args.workdir / "config-vllm.json")
+    samples, _ = load_samples(config, AutoTokenizer.from_pretrained(teacher_dir), mode="score")
+    prompts = [TokensPrompt(prompt_token_ids=s.input_ids) for s in samples]
+    tokens = sum(len(s.input_ids) for s in samples)
+    llm = LLM(
+        model=str(teacher_dir),
+        dtype=args.dtype,
+        max_model_len=4 * args.seq,
+        max_logprobs=args.k,
+        enable_prefix_caching=False,
+        enforce_eager=args.eager,
+        gpu_memory_utilization=0.3,
+    )
+    raw = SamplingParams(max_tokens=1, detokenize=False)
+    capture = SamplingParams(max_tokens=1, detokenize=False, prompt_logprobs=args.k, flat_logprobs=True)
+    out: dict[str, Any] = {"tokens": tokens}
+    for name, params in (("raw", raw), ("capture", capture)):
+        llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up
+        started = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        out[f"{name}_tokens_per_s"] = tokens / (time.perf_counter() - started)
+    return out
+
+
+def run_stage(args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    from pipeline.config import load_config
+    from stages import gen_logits
+
+    config = load_config(args.workdir / f"config-{engine}.json")
+    summary = gen_logits.run(config, overwrite=True)
+    teacher = summary["teachers"][0]
+    return {
+        "tokens": summary["tokens"],
+        "response_tokens": summary["response_tokens"],
+        "bytes_per_token": summary["bytes_per_token"],
+        f"{engine}_tokens_per_s": teacher["tokens"] / teacher["score_s"],
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    teacher_dir = Path(json.loads((args.workdir / "assets.json").read_text())["teacher_dir"])
+    if args.variant == "raw+capture":
+        result = run_raw_and_capture(args, teacher_dir)
+    else:
+        result = run_stage(args, "vllm" if args.variant == "gen-logits" else "hf")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args: argparse.Namespace, variant: str, workdir: Path) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir)]
+    command += [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("variant", "workdir", "eager")
+    ]
+    command += ["--eager"] if args.eager else []
+    print(f"[bench] {variant} ...", flush=True)
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.variant:
+        child(args)
+        return
+    from pipeline.toy_models import ensure_toy_assets, parameter_counts
+
+    assets = ensure_toy_assets(args.assets, profile="bench")
+    counts = parameter_counts(assets.teacher_dir)
+    with tempfile.TemporaryDirectory(prefix="gen-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "assets.json").write_text(json.dumps({"teacher_dir": str(assets.teacher_dir)}))
+        build_dataset(args, assets.teacher_dir, workdir / "data.jsonl")
+        write_config(args, workdir, assets.teacher_dir, "vllm", "cache-vllm")
+        hf_config = write_config(args, workdir, assets.teacher_dir, "hf", "cache-hf")
+        baselines = spawn(args, "raw+capture", workdir)
+        ours = spawn(args, "gen-logits", workdir)
+        # The hf engine on a subset of the same records.
+        lines = (workdir / "data.jsonl").read_text().splitlines()[: args.hf_samples]
+        (workdir / "data-hf.jsonl").write_text("\n".join(lines) + "\n")
+        raw_hf = json.loads(hf_config.read_text())
+        raw_hf["dataset"]["labeled_path"] = str(workdir / "data-hf.jsonl")
+        hf_config.write_text(json.dumps(raw_hf))
+        hf = spawn(args, "hf", workdir)
+    report(args, counts, baselines, ours, hf)
+
+
+def report(args, counts, baselines, ours, hf) -> None:
+    h = counts["head_share"]
+    share = ours["response_tokens"] / ours["tokens"]
+    raw, capture = baselines["raw_tokens_per_s"], baselines["capture_tokens_per_s"]
+    gen = ours["vllm_tokens_per_s"]
+    print()
+    print(
+        f"teacher: {counts['num_parameters'] / 1e6:.1f}M parameters, output head {100 * h:.1f}% "
+        f"(bound for scoring every position: 1 - h = {1 - h:.2f}; at this data's response share "
+        f"{share:.2f}: {1 - h * share:.2f})"
+    )
+    print(
+        f"data: {args.samples} sequences x ~{args.seq} tokens ({ours['tokens']} tokens, "
+        f"{ours['response_tokens']} response tokens), k = {args.k}, dtype {args.dtype}, "
+        f"torch threads {os.cpu_count()} cores, vLLM {'eager' if args.eager else 'compiled'}"
+    )
+    rows = [
+        ("raw vLLM prefill (max_tokens=1)", raw),
+        ("capture: prompt_logprobs=k, flat", capture),
+        ("gen-logits (vllm engine, full path)", gen),
+        (f"gen-logits (hf engine, {args.hf_samples} seq.)", hf["hf_tokens_per_s"]),
+    ]
+    print(f"\n{'variant':44s} {'tokens/s':>10s} {'x raw':>7s} {'x capture':>10s}")
+    for name, rate in rows:
+        print(f"{name:44s} {rate:10.0f} {rate / raw:7.2f} {rate / capture:10.2f}")
+    print(f"\ncache: {ours['bytes_per_token']} bytes per response token")
+    goal_capture, goal_raw = gen >= 3 * capture, gen >= 0.8 * raw
+    print(f"goal >= 3x capture: {'MET' if goal_capture else 'NOT MET'} ({gen / capture:.2f}x)")
+    print(f"goal >= 0.8x raw prefill: {'MET' if goal_raw else 'NOT MET'} ({gen / raw:.2f}x)")
+    print()
+    print(DESIGN)
+    print(
+        "\nJSON "
+        + json.dumps(
+            {
+                "params": counts["num_parameters"],
+                "head_share": h,
+                "response_share": share,
+                "raw_tokens_per_s": raw,
+                "capture_tokens_per_s": capture,
+                "gen_logits_tokens_per_s": gen,
+                "hf_tokens_per_s": hf["hf_tokens_per_s"],
+                "x_raw": gen / raw,
+                "x_capture": gen / capture,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
