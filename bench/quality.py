@@ -1,0 +1,265 @@
+"""Does offline top-k distillation work? The quality table, on a teacher that learned real text.
+
+Teacher and student are the demo's (pipeline.toy_models, profile "demo"): the teacher pre-trained on
+one part of the Python standard library, the smaller student briefly pre-trained on another part,
+same tokenizer. Every row trains the same student with the same LoRA settings, optimizer, batches and
+number of steps, through the product's loss path (pipeline.student.distillation_loss); only the
+teacher signal differs:
+
+- SFT only:            kd_ratio 0 (cross-entropy on the response tokens)
+- cached top-k KD:     kd_ratio 1 against a logit cache written by `gen-logits`, k in {8, 32, 64},
+                       tail `bucket` and `renormalize`
+- online full KD:      kd_ratio 1 against the teacher run live on each batch, all V log-probs
+                       (the upper bound that offline caching approximates)
+
+Held-out metrics use the live teacher's full distribution: exact KL(teacher || student) per response
+token, top-1 agreement and the student's cross-entropy. Run: `python bench/quality.py [--steps N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.cache import LogitCacheReader, load_manifest  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.data import load_samples  # noqa: E402
+from pipeline.lora import wrap_student  # noqa: E402
+from pipeline.losses import KDLossSpec, TeacherRows  # noqa: E402
+from pipeline.student import collate, distillation_loss, output_head, response_hidden_states  # noqa: E402
+from pipeline.toy_models import ensure_toy_assets, write_instruction_dataset  # noqa: E402
+
+WORK = REPO / ".assets" / "bench_quality"
+KS = (8, 32, 64)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-samples", type=int, default=384)
+    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    assets = ensure_toy_assets(REPO / ".assets" / "toy", profile="demo")
+    WORK.mkdir(parents=True, exist_ok=True)
+    train_path = write_instruction_dataset(WORK / "train.jsonl", args.train_samples, split="teacher", seed=0)
+    eval_path = write_instruction_dataset(WORK / "eval.jsonl", args.eval_samples, split="heldout", seed=1)
+    caches = {k: write_cache(assets, train_path, k) for k in KS}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.student_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
+    vocab = teacher.config.vocab_size
+    cached = {k: _rows_by_id(path) for k, path in caches.items()}
+    order = sorted(cached[KS[-1]])  # one fixed sample order for every row
+    rng = torch.Generator().manual_seed(0)
+    batches = [
+        [order[i] for i in torch.randperm(len(order), generator=rng)[: args.batch_size].tolist()]
+        for _ in range(args.steps)
+    ]
+    held_out = _held_out_batches(eval_path, tokenizer, args.batch_size)
+
+    variants = [("SFT only (kd_ratio 0)", None, "bucket", 0.0)]
+    for tail in ("bucket", "renormalize"):
+        variants += [(f"cached top-{k} KD, tail {tail}", k, tail, 1.0) for k in KS]
+    variants.append(("online full-vocabulary KD", "online", "renormalize", 1.0))
+
+    results = []
+    before = evaluate(AutoModelForCausalLM.from_pretrained(assets.student_dir).eval(), teacher, held_out)
+    for name, source, tail, kd_ratio in variants:
+        start = time.perf_counter()
+        student = train_variant(
+            assets.student_dir, teacher, cached, batches, source, tail, kd_ratio, vocab, args
+        )
+        seconds = time.perf_counter() - start
+        metrics = evaluate(student, teacher, held_out)
+        storage = _bytes_per_token(caches[source]) if isinstance(source, int) else None
+        results.append(
+            {
+                "name": name,
+                "k": source,
+                "tail": tail,
+                "train_seconds": seconds,
+                "bytes_per_token": storage,
+                **metrics,
+            }
+        )
+        print(
+            f"  {name}: KL {metrics['kl']:.4f}, top-1 {metrics['top1']:.3f}, CE {metrics['ce']:.4f}, "
+            f"{seconds:.0f} s",
+            flush=True,
+        )
+    report(before, results, vocab, args)
+    (WORK / "results.json").write_text(json.dumps({"before": before, "rows": results}, indent=2))
+    return 0
+
+
+def write_cache(assets, train_path: Path, k: int) -> Path:
+    """A real cache, written by the gen-logits stage (transformers engine: no vLLM start per k)."""
+    from stages import gen_logits
+
+    cache = WORK / f"cache_top{k}"
+    config = config_from_dict(
+        {
+            "dataset": {"labeled_path": str(train_path), "logits_path": str(cache)},
+            "models": {"teacher": str(assets.teacher_dir), "student": str(assets.student_dir)},
+            "inference": {"engine": "hf", "top_logits_num": k, "dtype": "float32", "batch_size": 16},
+            "distillation": {"max_seq_length": 512},
+        },
+        REPO,
+    )
+    gen_logits.run(config)  # a no-op when the cache is already complete
+    return cache
+
+
+def _rows_by_id(cache: Path) -> dict:
+    return {s.sample_id: s for s in LogitCacheReader(cache).iter_samples(shuffle=False, seed=0)}
+
+
+def _bytes_per_token(cache: Path) -> float:
+    manifest = load_manifest(cache)
+    return manifest.num_bytes / manifest.num_response_tokens
+
+
+def _held_out_batches(eval_path: Path, tokenizer, batch_size: int) -> list[dict]:
+    config = config_from_dict(
+        {"dataset": {"labeled_path": str(eval_path)}, "distillation": {"max_seq_length": 512}}, REPO
+    )
+    samples, _ = load_samples(config, tokenizer, mode="score")
+    from pipeline.records import CacheSample
+
+    items = [
+        [
+            CacheSample(
+                s.sample_id,
+                torch.tensor(s.input_ids),
+                torch.tensor(s.positions),
+                torch.zeros(len(s.positions), 1, dtype=torch.long),
+                torch.zeros(len(s.positions), 1),
+                torch.zeros(len(s.positions)),
+                torch.zeros(len(s.positions)),
+            )
+        ]
+        for s in samples
+    ]
+    pad = tokenizer.pad_token_id
+    return [collate(items[i : i + batch_size], pad, 512) for i in range(0, len(items), batch_size)]
+
+
+def live_teacher_rows(teacher, batch: dict, vocab: int) -> list[TeacherRows]:
+    """All V teacher log-probs at the batch's response positions: full-vocabulary KD through the same loss."""
+    with torch.no_grad():
+        logp = torch.log_softmax(_logits_at_responses(teacher, batch), -1)
+    ids = torch.arange(vocab).expand(logp.shape[0], vocab)
+    return [TeacherRows(ids, logp, torch.full((logp.shape[0],), -math.inf))]
+
+
+def _logits_at_responses(model, batch: dict) -> torch.Tensor:
+    head = output_head(model)
+    return torch.nn.functional.linear(response_hidden_states(model, batch), head.weight, head.bias).float()
+
+
+def train_variant(student_dir, teacher, cached, batches, source, tail, kd_ratio, vocab, args):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import LoraConfig
+
+    torch.manual_seed(0)
+    model = wrap_student(
+        AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
+        LoraConfig(r=16, alpha=32, dropout=0.0),
+    )
+    model.train()
+    head = output_head(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / len(batches))),
+    )
+    spec = KDLossSpec(kd_ratio=kd_ratio, tail=tail)
+    cache_k = source if isinstance(source, int) else KS[-1]
+    for ids in batches:
+        batch = collate([[cached[cache_k][i]] for i in ids], pad_id=0, max_seq_length=512)
+        if source == "online":
+            rows = live_teacher_rows(teacher, batch, vocab)
+            batch = {
+                **batch,
+                "topk_ids": [rows[0].topk_ids],
+                "topk_logprobs": [rows[0].topk_logprobs],
+                "tail_logmass": [rows[0].tail_logmass],
+            }
+        parts = distillation_loss(model, head, batch, spec, batch["targets"].numel(), chunk_size=512)
+        parts.loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def evaluate(student, teacher, batches: list[dict]) -> dict[str, float]:
+    """Exact full-vocabulary KL(teacher || student), top-1 agreement and CE per response token."""
+    kl = top1 = ce = tokens = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logp = torch.log_softmax(_logits_at_responses(teacher, batch).double(), -1)
+            logq = torch.log_softmax(_logits_at_responses(student, batch).double(), -1)
+            kl += (logp.exp() * (logp - logq)).sum().item()
+            top1 += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
+            ce += -logq.gather(1, batch["targets"][:, None]).sum().item()
+            tokens += batch["targets"].numel()
+    return {"kl": kl / tokens, "top1": top1 / tokens, "ce": ce / tokens}
+
+
+def report(before: dict, rows: list[dict], vocab: int, args) -> None:
+    full_bytes = vocab * 4  # float32 full logits per token
+    print(
+        f"\nQuality: {args.steps} steps x batch {args.batch_size}, LoRA r=16 alpha=32, lr {args.lr}, "
+        f"vocab {vocab}; held-out metrics vs the live teacher (exact, full vocabulary)"
+    )
+    print(f"{'row':<36}{'KL':>9}{'top-1':>8}{'CE':>8}{'B/token':>9}{'% full':>8}{'train s':>9}")
+    print(f"{'student before training':<36}{before['kl']:>9.4f}{before['top1']:>8.3f}{before['ce']:>8.4f}")
+    for r in rows:
+        storage = (
+            f"{r['bytes_per_token']:>9.1f}{100 * r['bytes_per_token'] / full_bytes:>7.2f}%"
+            if r["bytes_per_token"]
+            else f"{'-':>9}{'-':>8}"
+        )
+        print(
+            f"{r['name']:<36}{r['kl']:>9.4f}{r['top1']:>8.3f}{r['ce']:>8.4f}{storage}{r['train_seconds']:>9.0f}"
+        )
+    sft = rows[0]["kl"]
+    online = rows[-1]["kl"]
+    print(
+        f"\nGap closed = (KL_SFT - KL_row) / (KL_SFT - KL_online); full logits = {full_bytes} B/token (float32)"
+    )
+    for r in rows[1:-1]:
+        closed = (sft - r["kl"]) / (sft - online) if sft != online else float("nan")
+        print(f"  {r['name']:<34} {100 * closed:6.1f}% of the gap")
+    top64 = next(r for r in rows if r["k"] == 64 and r["tail"] == "bucket")
+    closed = (sft - top64["kl"]) / (sft - online)
+    share = top64["bytes_per_token"] / full_bytes
+    verdict = "MET" if closed >= 0.95 and share < 0.01 else "NOT MET"
+    print(
+        f"Goal (top-64 bucket closes >= 95% of the gap at < 1% of full-logit storage): {verdict} "
+        f"({100 * closed:.1f}%, {100 * share:.2f}%)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
