@@ -6,13 +6,15 @@ Per row we return the top-k ids and log-probs (full-vocabulary log-softmax at te
 descending), the log-prob of the target token and the log of the probability mass outside the top-k,
 summed over the non-top-k probabilities themselves (never 1 - sum p_topk, which cancels).
 
-Why not torch.topk on the whole row: on CPU it costs ~2x the head matmul of a 512-wide model (the
-matmul runs on AMX/tensor cores, topk is scalar code at ~6 ns per element). Two smaller top-k calls
-select exactly the same ids: split the vocabulary into G strided groups (group g = ids g, g+G, ...)
-and take the k groups with the largest maxima. Every top-k logit lies in one of them (ties aside):
-a logit outside them is <= the k-th largest group max, and those k groups already hold k logits at
-least that large. So topk runs over G group maxima and then over the k * V/G members of the chosen
-groups instead of over V logits; G ~ sqrt(k V) balances the two.
+Why not torch.topk and log_softmax on the whole row: on CPU torch.topk alone costs ~3x the head
+matmul of a 512-wide model (the matmul runs on AMX, topk is scalar code at ~4 ns per element), and
+each eager op is another pass over [rows, V] floats. Instead, one fused pass (torch.compile) gives
+per-group maxima and exp-sums, and two small selections find exactly the top-k ids: split the
+vocabulary into G strided groups (group g = ids g, g+G, ...) and take the k groups with the largest
+maxima. Every top-k logit lies in one of them (ties aside): a logit outside them is <= the k-th
+largest group max, and those k groups already hold k logits at least that large. So selection runs
+over G group maxima and then over the k * V/G members of the chosen groups instead of over V logits;
+G ~ sqrt(k V) balances the two. On CPU both selections use NumPy's SIMD partition and sort.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.errors import UserError
@@ -131,8 +136,8 @@ def topk_from_hidden(
 ) -> TopKResult:
     """Top-k of softmax(head(hidden)) for each row; hidden [n, H] holds the states at positions t-1.
 
-    The selection runs torch.compile'd (one fused pass over each chunk's logits instead of ~6 eager
-    ones: 2x faster on CPU), on chunks padded to `chunk_size` rows so one static shape compiles.
+    The group statistics run torch.compile'd (one fused pass over each chunk's logits instead of ~5
+    eager ones), on chunks padded to `chunk_size` rows so that one static shape compiles.
     Chunks run in `workers` threads with one intra-op thread each: chunks share nothing, so a thread
     the OS deschedules delays only its own chunk, while OpenMP threads spin at every op's barrier
     (8-10x slower than one thread on a busy 2-core host, measured).
@@ -147,7 +152,7 @@ def topk_from_hidden(
         if real < chunk_size:
             rows = torch.cat([rows, rows.new_zeros(chunk_size - real, rows.shape[1])])
             row_targets = torch.cat([row_targets, row_targets.new_zeros(chunk_size - real)])
-        out = _compiled_select(head.logits(rows, groups), row_targets, k, groups)
+        out = _select(head.logits(rows, groups), row_targets, k, groups, compiled=True)
         return TopKResult(*(t[:real] for t in out))
 
     starts = list(range(0, hidden.shape[0], chunk_size))
@@ -165,7 +170,7 @@ def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> Top
     pad = -vocab % groups
     if pad:
         logits = torch.cat([logits, logits.new_full((logits.shape[0], pad), float("-inf"))], dim=1)
-    return TopKResult(*_select(logits, targets, k, groups))
+    return TopKResult(*_select(logits, targets, k, groups, compiled=False))
 
 
 def num_groups(vocab: int, k: int) -> int:
@@ -176,58 +181,97 @@ def num_groups(vocab: int, k: int) -> int:
 
 
 def _select(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, groups: int
+    logits: torch.Tensor, targets: torch.Tensor, k: int, groups: int, compiled: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [n, G * R] (-inf past the vocabulary) -> ids, log-probs, target log-probs, tail log-mass.
 
-    See the module docstring for the group method. Sums of exponentials run per group, shifted by the
-    group's own max, then rescaled to the row max m: every sum is of positive terms (no cancellation),
-    and only terms below e^-88 of the largest logit flush to zero.
+    See the module docstring for the group method; `compiled` runs the two float passes fused.
     """
+    run = _run_compiled if compiled else _run_eager
     n = logits.shape[0]
     rows_per_group = logits.shape[1] // groups
-    xg = logits.view(n, rows_per_group, groups).float()  # xg[:, r, g] = logit of id r * G + g
-    group_max = xg.amax(dim=1)
-    group_sum = torch.exp(xg - group_max[:, None, :]).sum(dim=1)
-    _, chosen = torch.topk(group_max, k, dim=1, sorted=False)  # [n, k] group indices
-    member_index = chosen[:, None, :].expand(n, rows_per_group, k)
-    members = xg.gather(2, member_index).reshape(n, rows_per_group * k)
-    top_vals, top_slots = torch.topk(members, k, dim=1)  # sorted descending
+    group_max, group_sum = run(_group_stats, logits, groups)
+    chosen = _top_indices(group_max, k, descending=False)  # [n, k] group indices
+    xg = logits.view(n, rows_per_group, groups)  # xg[:, r, g] = logit of id r * G + g
+    members = xg.gather(2, chosen[:, None, :].expand(n, rows_per_group, k)).reshape(n, -1).float()
+    top_slots = _top_indices(members, k, descending=True)
     offsets = groups * torch.arange(rows_per_group, device=logits.device)
     top_ids = (chosen[:, None, :] + offsets[None, :, None]).reshape(n, -1).gather(1, top_slots)
+    target_logits = logits.gather(1, targets.view(-1, 1).long())[:, 0].float()
+    logprobs, target_logprobs, tail_logmass = run(
+        _normalize, group_max, group_sum, members, chosen, top_slots, target_logits
+    )
+    return top_ids.to(torch.int32), logprobs, target_logprobs, tail_logmass
 
+
+def _group_stats(logits: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per strided group: max, and sum of exp(logit - max), both float32 [n, G]."""
+    xg = logits.view(logits.shape[0], -1, groups).float()
+    group_max = xg.amax(dim=1)
+    return group_max, torch.exp(xg - group_max[:, None, :]).sum(dim=1)
+
+
+def _normalize(
+    group_max: torch.Tensor,
+    group_sum: torch.Tensor,
+    members: torch.Tensor,
+    chosen: torch.Tensor,
+    top_slots: torch.Tensor,
+    target_logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs from per-group sums, each shifted by its group's max and rescaled to the row max m:
+    every sum is of positive terms (no cancellation); only terms below e^-88 of the max flush to 0."""
+    top_vals = members.gather(1, top_slots)
     row_max = top_vals[:, :1]
-    group_mass = group_sum * torch.exp(group_max - row_max)  # exp(logits - m) summed per group
+    group_mass = group_sum * torch.exp(group_max - row_max)  # sum of exp(logit - m) per group
     z = group_mass.sum(dim=1)
     # Mass outside the top-k = the groups not chosen + the chosen groups' members outside the top-k.
     tail = group_mass.scatter(1, chosen, 0.0).sum(dim=1)
     tail = tail + torch.exp(members - row_max).scatter(1, top_slots, 0.0).sum(dim=1)
     log_z = row_max[:, 0] + torch.log(z)
-    target_logits = logits.gather(1, targets.view(-1, 1).long())[:, 0].float()
-    return top_ids.to(torch.int32), top_vals - log_z[:, None], target_logits - log_z, torch.log(tail / z)
+    return top_vals - log_z[:, None], target_logits - log_z, torch.log(tail / z)
 
 
-def _compiled_select(
-    logits: torch.Tensor, targets: torch.Tensor, k: int, groups: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_select through torch.compile; eager (with one warning) where compiling fails, e.g. no C++ compiler."""
+def _top_indices(x: torch.Tensor, k: int, *, descending: bool) -> torch.Tensor:
+    """Column indices of each row's k largest values of a float32 [n, w] tensor, sorted if `descending`.
+
+    On CPU through NumPy, whose SIMD partition and sort are 3-4x faster than torch.topk (and release
+    the GIL, so worker threads overlap).
+    """
+    if x.device.type != "cpu":
+        return torch.topk(x, k, dim=1, sorted=descending).indices
+    values = x.numpy()
+    index = np.argpartition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k :]
+    if descending:
+        order = np.argsort(-np.take_along_axis(values, index, axis=1), axis=1)
+        index = np.take_along_axis(index, order, axis=1)
+    return torch.from_numpy(index)
+
+
+def _run_eager(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn as fused torch.compile kernels; eager (after one warning) where compiling fails, e.g. on a
+    host without a C++ compiler."""
     global _compile_failed
     if not _compile_failed:
         try:
-            return _compiled()(logits, targets, k, groups)
+            return _compiled(fn)(*args)
         except Exception as exc:  # any backend error: the eager function computes the same
             _compile_failed = True
-            log.warning("torch.compile of the top-k selection failed (%s); running it eagerly", exc)
-    return _select(logits, targets, k, groups)
+            log.warning("torch.compile of %s failed (%s); running the top-k math eagerly", fn.__name__, exc)
+    return fn(*args)
 
 
 _compile_failed = False
 
 
 @functools.cache
-def _compiled():
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     import torch._inductor.config
 
     # Inductor's CPU kernels then size their OpenMP team per call (1 in the worker threads).
     torch._inductor.config.cpp.dynamic_threads = True
-    return torch.compile(_select, dynamic=False)
+    return torch.compile(fn, dynamic=False)

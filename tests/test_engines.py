@@ -130,7 +130,7 @@ def vllm_engine(tiny_dataset_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_vllm_hidden_states_are_the_final_normed_states(vllm_engine, samples, model) -> None:
-    hidden = vllm_engine._hidden_states(samples[:3])
+    hidden = vllm_engine.hidden_states(samples[:3])
     for states, sample in zip(hidden, samples[:3], strict=True):
         with torch.no_grad():
             expected = model.model(input_ids=torch.tensor([sample.input_ids])).last_hidden_state[0]

@@ -36,12 +36,12 @@ class VllmEngine(TeacherEngine):
     name = "vllm"
 
     def __init__(self, config: Config, teacher_path: Path, *, task: str = "score"):
-        require("vllm", "cpu", "The vllm teacher engine")
+        gpu = torch.cuda.is_available()
+        require("vllm", "gpu" if gpu else "cpu", "The vllm teacher engine")
         from vllm import LLM
         from vllm.config import PoolerConfig
 
         self.version = engine_version("vllm")
-        self.task = task
         inference = self.inference = config.inference
         self.k = inference.top_logits_num
         self.chunk_size = inference.chunk_size
@@ -57,9 +57,7 @@ class VllmEngine(TeacherEngine):
             seed=inference.seed,
         )
         if task == "score":
-            self.head = load_output_head(Path(teacher_path)).to(
-                "cuda" if torch.cuda.is_available() else "cpu"
-            )
+            self.head = load_output_head(Path(teacher_path)).to("cuda" if gpu else "cpu")
             self.llm = LLM(
                 runner="pooling",
                 pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
@@ -74,9 +72,10 @@ class VllmEngine(TeacherEngine):
 
     def score(self, batches: Iterable[Sequence[TokenizedSample]]) -> Iterator[list[TeacherTopK]]:
         for batch in batches:
-            yield records_from_hidden(batch, self._hidden_states(batch), self.head, self.k, self.chunk_size)
+            yield records_from_hidden(batch, self.hidden_states(batch), self.head, self.k, self.chunk_size)
 
-    def _hidden_states(self, batch: Sequence[TokenizedSample]) -> list[torch.Tensor]:
+    def hidden_states(self, batch: Sequence[TokenizedSample]) -> list[torch.Tensor]:
+        """Final (normed) hidden states [L, H] of every token of each sample, in the model dtype."""
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(s.input_ids)) for s in batch]
