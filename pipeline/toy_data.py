@@ -21,7 +21,10 @@ _SPLIT_BUCKETS = {"teacher": range(0, 7), "student": range(7, 9), "heldout": ran
 # Test suites, third-party packages, bytecode and the codec tables (repetitive data, not code).
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
 _MAX_FILE_BYTES = 200_000  # generated files like pydoc_data/topics.py would dominate a split
-_CHARS_PER_TOKEN = 3.5  # rough figure for code under a byte-level BPE; only used to size records
+# Byte-level BPE cost follows UTF-8 bytes (non-ASCII text costs more tokens than its characters).
+_BYTES_PER_TOKEN = 3.5  # rough figure for code under the toy BPE; only used to size records
+_PROMPT_BYTES = (80, 1200)
+_MAX_PROMPT_BYTES = 1500  # bounds the overshoot of the last whole line
 
 
 @lru_cache(maxsize=1)
@@ -72,13 +75,17 @@ def local_corpus(split: str = "teacher", max_chars: int = 4_000_000) -> list[str
     return texts
 
 
-def _take_lines(lines: list[str], start: int, target_chars: int) -> tuple[str, int]:
-    """Whole lines from `start` until at least `target_chars` characters; returns (text, next index)."""
+def _take_lines(lines: list[str], start: int, target_bytes: int) -> tuple[str, int]:
+    """Whole lines from `start` until at least `target_bytes` of UTF-8; returns (text, next index)."""
     end, size = start, 0
-    while end < len(lines) and size < target_chars:
-        size += len(lines[end])
+    while end < len(lines) and size < target_bytes:
+        size += len(lines[end].encode())
         end += 1
     return "".join(lines[start:end]), end
+
+
+def _log_uniform(rng: random.Random, lo: float, hi: float) -> int:
+    return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 def write_instruction_dataset(
@@ -93,7 +100,7 @@ def write_instruction_dataset(
     """Write `n` EasyDistill-shaped records: continue a snippet of stdlib code with the lines that follow.
 
     Prompt and response lengths are drawn log-uniformly (responses within `response_tokens`,
-    approximated from characters), so a dataset holds both short and long samples.
+    approximated from UTF-8 bytes), so a dataset holds both short and long samples.
     `fmt` is "jsonl" (one record a line) or "json" (one list).
     """
     if fmt not in ("jsonl", "json"):
@@ -102,15 +109,16 @@ def write_instruction_dataset(
     # Files long enough to hold a prompt and a long response.
     sources = [text.splitlines(keepends=True) for text in local_corpus(split, max_chars=10**9)]
     sources = [lines for lines in sources if len(lines) >= 80]
-    lo, hi = (t * _CHARS_PER_TOKEN for t in response_tokens)
+    lo, hi = (t * _BYTES_PER_TOKEN for t in response_tokens)
     records = []
     while len(records) < n:
         lines = rng.choice(sources)
         start = rng.randrange(len(lines) - 40)
-        prompt, cut = _take_lines(lines, start, int(math.exp(rng.uniform(math.log(80), math.log(1200)))))
-        response, _ = _take_lines(lines, cut, int(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
-        if not prompt.strip() or not response.strip() or len(response) > 1.5 * hi:
-            continue  # blank snippets teach nothing; one giant line would break the length mix
+        prompt, cut = _take_lines(lines, start, _log_uniform(rng, *_PROMPT_BYTES))
+        response, _ = _take_lines(lines, cut, _log_uniform(rng, lo, hi))
+        too_long = len(prompt.encode()) > _MAX_PROMPT_BYTES or len(response.encode()) > hi
+        if too_long or not prompt.strip() or not response.strip():
+            continue  # a long last line would overshoot the length range; blank snippets teach nothing
         records.append(
             {
                 "id": f"{split}-{seed}-{len(records):06d}",
