@@ -41,15 +41,18 @@ Design (why gen-logits is fast):
   batched, paged (and tensor-parallel) prefill stays vLLM's, but vLLM never applies the output head,
   never runs its float32 log-softmax over the vocabulary at every prompt position, and never builds
   per-position Python logprob objects (what makes `capture` slow).
-- The output head (read from the checkpoint's safetensors) is applied only at the rows t-1 of
-  response tokens t, in chunks, in the model dtype; prompt positions cost nothing beyond prefill.
-- Top-k without torch.topk over the whole vocabulary (scalar code, ~2x the cost of the head matmul
-  on CPU): the vocabulary is split into G strided groups; the k groups with the largest maxima hold
-  every top-k logit, so two small top-k calls (over G group maxima, then over their k*V/G members)
-  give the exact top-k. One fused softmax pass gives log Z and the tail mass as a sum of the
-  non-top-k probabilities (no 1 - sum cancellation).
-- Batch i's head and top-k run while vLLM already computes batch i+1 (a helper thread waits on
-  vLLM); encoding and writing run in the cache writer's thread.
+- The output head (read from the checkpoint's safetensors) runs only at the rows t-1 of response
+  tokens t, in chunks of rows, in the model dtype; prompt positions cost nothing beyond prefill.
+- Exact top-k without torch.topk over the vocabulary (scalar code, ~3x the head matmul on CPU): the
+  vocabulary is split into G strided groups; the k groups with the largest maxima hold every top-k
+  logit, so two small selections (over G group maxima, then over the chosen groups' k*V/G members)
+  give the exact top-k, done with NumPy's SIMD partition and sort. One fused torch.compile pass over
+  the logits gives per-group maxima and exp-sums, hence log Z and the tail mass as a sum of non-top-k
+  probabilities (no 1 - sum cancellation).
+- On CPU, batches run one after the other (vLLM's forward already uses every core, and work beside it
+  stalls vLLM's OpenMP threads); the head's chunks run in one worker thread per core with one
+  intra-op thread each (no OpenMP barrier spinning when other jobs share the cores). Encoding and
+  writing run in the cache writer's thread.
 - Bound: raw prefill applies the head at one position per sequence, scoring at every response
   position, so scoring reaches at most ~(1 - h * response share) of raw prefill (h = head share)."""
 
