@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.cache import LogitCacheReader, load_manifest  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import load_samples  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 from pipeline.lora import wrap_student  # noqa: E402
 from pipeline.losses import KDLossSpec, TeacherRows  # noqa: E402
 from pipeline.student import collate, distillation_loss, output_head, response_hidden_states  # noqa: E402
@@ -123,7 +124,10 @@ def write_cache(assets, train_path: Path, k: int) -> Path:
         },
         REPO,
     )
-    gen_logits.run(config)  # a no-op when the cache is already complete
+    try:
+        gen_logits.run(config)  # a no-op when the cache is already complete
+    except UserError:  # written by an older teacher build: regenerate
+        gen_logits.run(config, overwrite=True)
     return cache
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +35,16 @@ def run_stage(name: str, *args: str, timings: dict[str, float], capture_json: bo
     return json.loads(result.stdout) if capture_json else None
 
 
+def _overwrite_if_stale(cache_dir: Path, teacher_dir: Path) -> list[str]:
+    from pipeline.models import model_identity
+
+    manifest = cache_dir / "manifest.json"
+    if not manifest.exists():
+        return []
+    recorded = json.loads(manifest.read_text()).get("teacher", {}).get("hash")
+    return [] if recorded == model_identity(teacher_dir)["hash"] else ["--overwrite"]
+
+
 def main() -> int:
     from pipeline.toy_models import ensure_toy_assets, write_instruction_dataset
 
@@ -54,13 +65,18 @@ def main() -> int:
     adapter = runs / "student_lora"
     merged = runs / "student_merged"
     config = ["--config", str(CONFIG)]
-    run_stage("gen-logits", "gen-logits", *config, timings=timings)
+    # A finished cache is reused (gen-logits resumes or does nothing); one from an older teacher is redone.
+    run_stage("gen-logits", "gen-logits", *config, *_overwrite_if_stale(runs / "cache_train", assets.teacher_dir),
+              timings=timings)
     run_stage("gen-logits", "gen-logits", *config, "--set", f"dataset.labeled_path={held_out}",
-              "--set", f"dataset.logits_path={eval_cache}", timings=timings)
+              "--set", f"dataset.logits_path={eval_cache}", *_overwrite_if_stale(eval_cache, assets.teacher_dir),
+              timings=timings)
     cache_info = run_stage("inspect", "inspect", str(runs / "cache_train"), "--json", timings=timings,
                            capture_json=True)
     before = run_stage("eval (before)", "eval", "--model", str(assets.student_dir), "--cache", str(eval_cache),
                        "--json", timings=timings, capture_json=True)
+    for previous in (adapter, merged):  # each demo run trains a fresh student
+        shutil.rmtree(previous, ignore_errors=True)
     run_stage("train-student", "train-student", *config, timings=timings)
     run_stage("merge", "merge", "--base", str(assets.student_dir), "--adapter", str(adapter),
               "--output", str(merged), timings=timings)
