@@ -112,7 +112,7 @@ def load_output_head(model_dir: Path) -> OutputHead:
         with safe_open(str(file), framework="pt") as handle:
             keys.update(dict.fromkeys(handle.keys(), file))
     name = next((key for key in keys if key.endswith("lm_head.weight")), None)
-    if name is None:  # tied embeddings: the checkpoint stores only the input embedding
+    if name is None and text_config.get("tie_word_embeddings", True):  # transformers' default: tied
         name = next((key for key in keys if key.endswith("embed_tokens.weight")), None)
     if name is None:
         raise UserError(
