@@ -96,10 +96,19 @@ class OutputHead:
         return logits
 
 
-def load_output_head(model_dir: Path) -> OutputHead:
-    """Read only the output head (or the tied input embedding) from a model's safetensors files."""
+def load_output_head(model: Path | str) -> OutputHead:
+    """Read only the output head (or the tied input embedding) from a model's safetensors files.
+
+    `model` is a local directory or a hub id, resolved through the Hugging Face cache (where vLLM
+    downloads the same files).
+    """
     from safetensors import safe_open
 
+    model_dir = Path(model)
+    if not model_dir.is_dir():
+        from huggingface_hub import snapshot_download
+
+        model_dir = Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors"]))
     config = json.loads((model_dir / "config.json").read_text())
     text_config = config.get("text_config", config)
     files = sorted(model_dir.glob("*.safetensors"))

@@ -57,7 +57,6 @@ class VllmEngine(TeacherEngine):
             seed=inference.seed,
         )
         if task == "score":
-            self.head = load_output_head(Path(teacher_path)).to("cuda" if gpu else "cpu")
             self.llm = LLM(
                 runner="pooling",
                 pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False),
@@ -67,6 +66,11 @@ class VllmEngine(TeacherEngine):
                 enable_prefix_caching=False,
                 **common,
             )
+            try:  # after the engine: a hub id is then already in the local cache
+                self.head = load_output_head(teacher_path).to("cuda" if gpu else "cpu")
+            except Exception:
+                self.close()
+                raise
         else:
             self.llm = LLM(runner="generate", **common)
 
