@@ -7,9 +7,9 @@ number of steps, through the product's loss path (pipeline.student.distillation_
 teacher signal differs:
 
 - SFT only:            kd_ratio 0 (cross-entropy on the response tokens)
-- cached top-k KD:     kd_ratio 1 against a logit cache written by `gen-logits`, k in {8, 32, 64},
+- cached top-k KD:     kd_ratio 1 (or --kd-ratio) against a logit cache written by `gen-logits`, k in {8, 32, 64},
                        tail `bucket` and `renormalize`
-- online full KD:      kd_ratio 1 against the teacher run live on each batch, all V log-probs
+- online full KD:      the same kd_ratio against the teacher run live on each batch, all V log-probs
                        (the upper bound that offline caching approximates)
 
 Held-out metrics use the live teacher's full distribution: exact KL(teacher || student) per response
@@ -51,6 +51,7 @@ def main() -> int:
     parser.add_argument("--train-samples", type=int, default=384)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--kd-ratio", type=float, default=1.0, help="kd_ratio of the KD rows (SFT stays at 0)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -77,8 +78,8 @@ def main() -> int:
 
     variants = [("SFT only (kd_ratio 0)", None, "bucket", 0.0)]
     for tail in ("bucket", "renormalize"):
-        variants += [(f"cached top-{k} KD, tail {tail}", k, tail, 1.0) for k in KS]
-    variants.append(("online full-vocabulary KD", "online", "renormalize", 1.0))
+        variants += [(f"cached top-{k} KD, tail {tail}", k, tail, args.kd_ratio) for k in KS]
+    variants.append(("online full-vocabulary KD", "online", "renormalize", args.kd_ratio))
 
     results = []
     before = evaluate(AutoModelForCausalLM.from_pretrained(assets.student_dir).eval(), teacher, held_out)
@@ -106,7 +107,8 @@ def main() -> int:
             flush=True,
         )
     report(before, results, vocab, args)
-    (WORK / "results.json").write_text(json.dumps({"before": before, "rows": results}, indent=2))
+    out = WORK / f"results_kd{args.kd_ratio}.json"
+    out.write_text(json.dumps({"args": vars(args), "before": before, "rows": results}, indent=2))
     return 0
 
 
