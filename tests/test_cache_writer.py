@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cache import LogitCacheWriter, decode_row, load_manifest, read_id_table
+from pipeline.cache import LogitCacheReader, LogitCacheWriter, decode_row, load_manifest, read_id_table
 from pipeline.errors import UserError
 from pipeline.records import TeacherTopK
 
@@ -245,3 +245,18 @@ def test_two_writers_in_one_directory(tmp_path):
     assert {s.file.split("-")[2] for s in m.shards} == {"0", "1"}
     merged = json.loads((tmp_path / "manifest.json").read_text())
     assert merged["totals"]["samples"] == 20 and merged["complete"] is True
+
+
+def test_parts_from_machines_with_other_mount_points_share_one_cache(tmp_path):
+    """Paths are provenance: a part whose teacher lives elsewhere (same hash) joins; another hash does not."""
+    elsewhere = {**IDENTITY, "teacher": {**IDENTITY["teacher"], "path": "/mnt/node7/models/t"}}
+    with LogitCacheWriter(tmp_path, IDENTITY, writer_id="part-0-of-2", background=False) as writer:
+        writer.add(record(0))
+    with LogitCacheWriter(tmp_path, elsewhere, writer_id="part-1-of-2", background=False) as writer:
+        writer.add(record(1))
+    reader = LogitCacheReader(tmp_path)
+    assert reader.num_samples == 2 and reader.manifest.is_complete
+    assert sorted(s.sample_id for s in reader.iter_samples(shuffle=False, seed=0)) == ["s000", "s001"]
+    retrained = {**IDENTITY, "teacher": {**IDENTITY["teacher"], "hash": "t1"}}
+    with pytest.raises(UserError, match="teacher.hash: expected"):
+        LogitCacheWriter(tmp_path, retrained, writer_id="part-1-of-2")

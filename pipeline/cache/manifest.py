@@ -232,10 +232,26 @@ def load_manifest(cache_dir: Path | str) -> Manifest:
     return Manifest(identity, parts)
 
 
+# Where a teacher or dataset lives is provenance, not identity: parts written on machines that mount
+# the same model or data at other paths belong to the same cache (their content hashes must agree).
+PROVENANCE_KEYS = frozenset({"path"})
+
+
+def comparable_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity without provenance keys (at any depth): what two writers of one cache must share."""
+    return {
+        key: comparable_identity(value) if isinstance(value, dict) else value
+        for key, value in identity.items()
+        if key not in PROVENANCE_KEYS
+    }
+
+
 def identity_diff(expected: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two identity dicts, one entry per differing (dotted) key."""
+    """Human-readable differences between two identity dicts, one entry per differing (dotted) key.
+
+    Provenance keys (paths) are not compared."""
     diffs = []
-    for key in sorted(set(expected) | set(found)):
+    for key in sorted((set(expected) | set(found)) - PROVENANCE_KEYS):
         name = f"{prefix}{key}"
         a, b = expected.get(key, "<absent>"), found.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):

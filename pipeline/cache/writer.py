@@ -48,6 +48,7 @@ from pipeline.cache.manifest import (
     WRITER_ID,
     PartState,
     ShardEntry,
+    comparable_identity,
     fsync_dir,
     identity_diff,
     load_manifest,
@@ -80,7 +81,7 @@ _STOP = object()
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(comparable_identity(identity), sort_keys=True).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
