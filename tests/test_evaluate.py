@@ -1,0 +1,71 @@
+"""`pipeline eval` against independent computations: the loss path's KL and a float64 dense reference."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_student import HELD_OUT, held_out_kl, write_cache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import cli
+from pipeline.cache import LogitCacheReader
+from pipeline.config import config_from_dict
+from pipeline.data import load_samples
+from stages import evaluate
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_tokenizer_dir, tiny_dataset_path, tiny_model_dir) -> Path:
+    config = config_from_dict({"dataset": {"labeled_path": str(tiny_dataset_path)}}, Path("."))
+    samples, _ = load_samples(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), mode="score")
+    return write_cache(tmp_path_factory.mktemp("eval") / "cache", samples[-HELD_OUT:], tiny_model_dir)
+
+
+def dense_reference(model_dir: Path, cache: Path) -> dict[str, float]:
+    """float64, full logits, plain loops: KL over top-k + tail bucket, top-1 agreement, CE."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    kl = top1 = ce = n = 0.0
+    for s in LogitCacheReader(cache).iter_samples(shuffle=False, seed=0):
+        with torch.no_grad():
+            logq_all = torch.log_softmax(model(input_ids=s.input_ids[None]).logits[0].double(), -1)
+        for j, t in enumerate(s.positions.tolist()):
+            logq = logq_all[t - 1]
+            ids = s.topk_ids[j]
+            p = torch.cat([s.topk_logprobs[j].double(), s.tail_logmass[j:j + 1].double()]).exp()
+            p = p / p.sum()
+            mask = torch.ones_like(logq, dtype=torch.bool)
+            mask[ids] = False
+            q = torch.cat([logq[ids].exp(), logq[mask].exp().sum()[None]])
+            kl += float((p * (p.log() - q.log())).sum())
+            top1 += float(logq.argmax() == ids[0])
+            ce -= float(logq[s.input_ids[t]])
+            n += 1
+    return {"kl": kl / n, "top1_agreement": top1 / n, "cross_entropy": ce / n}
+
+
+def test_metrics_equal_a_float64_reference_and_the_loss_path(cache, tiny_student_dir):
+    metrics = evaluate.run(tiny_student_dir, cache, batch_size=4)
+    reference = dense_reference(tiny_student_dir, cache)
+    for key, value in reference.items():
+        assert metrics[key] == pytest.approx(value, abs=2e-5), key
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["cross_entropy"]))
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
+    assert metrics["kl"] == pytest.approx(held_out_kl(model, cache), rel=1e-5)
+    assert metrics["samples"] == HELD_OUT
+
+
+def test_teacher_agrees_with_itself_and_limit_counts_samples(cache, tiny_model_dir):
+    metrics = evaluate.run(tiny_model_dir, cache, batch_size=2, limit=3)
+    assert metrics["samples"] == 3
+    assert metrics["top1_agreement"] == 1.0  # the cache's top-1 is the teacher's own argmax
+
+
+def test_cli_json_and_bad_adapter(cache, tiny_student_dir, tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tiny_student_dir), "--cache", str(cache), "--json", "--limit", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 2
+    code = cli.main(["eval", "--model", str(tiny_student_dir), "--cache", str(cache), "--adapter", str(tmp_path)])
+    assert code == 2 and "adapter_config.json" in capsys.readouterr().err
