@@ -149,6 +149,8 @@ def _held_out_batches(eval_path: Path, tokenizer, batch_size: int) -> list[dict]
     samples, _ = load_samples(config, tokenizer, mode="score")
     from pipeline.records import CacheSample
 
+    # collate() batches CacheSamples; held-out scoring needs only the tokens, so the teacher rows are empty.
+
     items = [
         [
             CacheSample(
