@@ -48,6 +48,9 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
     if training.get("gradient_checkpointing") and config.lora.enable:
         # Reentrant checkpointing needs inputs that require grad, which frozen embeddings do not give.
         training.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    # Every trainable parameter takes part in the KD forward, so DDP need not search the graph for unused
+    # ones each step (transformers would otherwise turn the search on).
+    training.setdefault("ddp_find_unused_parameters", False)
     args = TrainingArguments(**{**training, **_FIXED_ARGS})
     stream = CacheStream(
         readers,
@@ -96,7 +99,16 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
 
             summary["merged"] = merge.run(student_path, output_dir, output_dir / "merged_model")
     log.info("student written to %s: %s", output_dir, json.dumps(metrics))
+    _end_distributed()
     return summary
+
+
+def _end_distributed() -> None:
+    """Wait for rank 0's writes, then tear the process group down: a rank that exits with live gloo
+    threads can abort ("terminate called without an active exception") and fail the whole job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,12 @@ with open(os.path.join(sys.argv[2], f"weights{rank}.json"), "w") as f:
 """
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_torchrun_two_ranks_read_disjoint_slices(tmp_path, caches, tiny_student_dir):
     """Two gloo ranks on CPU: each trains on its own half of every epoch, and both end with one model."""
     config_path = tmp_path / "ddp.json"
@@ -240,7 +247,7 @@ def test_torchrun_two_ranks_read_disjoint_slices(tmp_path, caches, tiny_student_
     script.write_text(RECORD_RANK_SAMPLES)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
          str(script), str(config_path), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
