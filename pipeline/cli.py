@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("cache_dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    inspect.add_argument(
+        "--sample", type=int, default=256, metavar="N",
+        help="decode the first N samples to report the teacher mass outside the top-k (0: skip)",
+    )
     inspect.set_defaults(run=_run_inspect)
 
     evaluate = sub.add_parser("eval", help="score a student against a held-out teacher cache")
@@ -102,7 +106,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from stages import inspect_cache
 
-    return inspect_cache.run(args.cache_dir, as_json=args.json, verify=args.verify)
+    return inspect_cache.run(args.cache_dir, as_json=args.json, verify=args.verify, sample=args.sample)
 
 
 def _run_eval(args: argparse.Namespace) -> int:

@@ -63,6 +63,9 @@ class DistillationConfig:
     distillation_type: Literal["forward_kld", "reverse_kld", "jsd", "tvd"] = "forward_kld"
     temperature: float = 1.0
     tail: Literal["bucket", "renormalize"] = "bucket"
+    # Where the response token lies outside the teacher's top-k, give it its own class with its cached
+    # log-prob, taken out of the tail (pipeline.losses.with_target_class). Costs no storage.
+    target_class: bool = False
     max_seq_length: int = 2048
     teacher_weights: list[float] | None = None
     chunk_size: int = 1024  # response positions per output-head chunk in the loss

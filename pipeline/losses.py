@@ -50,6 +50,7 @@ class KDLossSpec:
     temperature: float = 1.0
     tail: TailMode = "bucket"
     teacher_weights: tuple[float, ...] = (1.0,)
+    target_class: bool = False
 
     @classmethod
     def from_config(cls, distillation, num_teachers: int) -> KDLossSpec:
@@ -62,6 +63,7 @@ class KDLossSpec:
             temperature=distillation.temperature,
             tail=distillation.tail,
             teacher_weights=tuple(w / total for w in weights),
+            target_class=distillation.target_class,
         )
 
     def token_weights(self, num_tokens: int | Tensor) -> tuple[float | Tensor, float | Tensor]:
@@ -83,6 +85,27 @@ class TeacherRows:
             self.topk_logprobs.narrow(0, start, length),
             self.tail_logmass.narrow(0, start, length),
         )
+
+
+def with_target_class(rows: TeacherRows, targets: Tensor, target_logprobs: Tensor) -> TeacherRows:
+    """The teacher's classes plus the actual next token, where it lies outside the top-k.
+
+    The cache holds log p(x_t) for every response token. Where x_t is not in S_t, it becomes a class
+    of its own (one more column; -inf, i.e. no class, where x_t is in S_t), and the tail keeps the
+    rest of its mass: log(r - p(x_t)), computed as log r + log1p(-p(x_t) / r). Quantization can
+    make p(x_t) reach r; the rest is then zero (-inf). A flatter teacher leaves the actual token
+    outside its top-k more often, and that token is the one the data says matters.
+    """
+    in_topk = (rows.topk_ids == targets[:, None]).any(1)
+    outside = ~in_topk & torch.isfinite(target_logprobs)
+    extra = torch.where(outside, target_logprobs, _NEG_INF)
+    share = torch.exp(extra - rows.tail_logmass).clamp(max=1.0)  # p(x_t) / r; 0 where no extra class
+    tail = torch.where(outside, rows.tail_logmass + torch.log1p(-share), rows.tail_logmass)
+    return TeacherRows(
+        torch.cat([rows.topk_ids, targets[:, None]], 1),
+        torch.cat([rows.topk_logprobs, extra[:, None].to(rows.topk_logprobs.dtype)], 1),
+        tail.to(rows.tail_logmass.dtype),
+    )
 
 
 def teacher_class_logprobs(topk_logprobs: Tensor, tail_logmass: Tensor | None, temperature: float) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import UserError
-from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad
+from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, with_target_class
 from pipeline.records import CacheSample
 
 # Config attributes of architectures whose logits are not a plain linear map of the hidden states.
@@ -56,16 +56,24 @@ def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length:
         "topk_ids": [stack("topk_ids", w) for w in range(num_teachers)],
         "topk_logprobs": [stack("topk_logprobs", w) for w in range(num_teachers)],
         "tail_logmass": [stack("tail_logmass", w) for w in range(num_teachers)],
+        "target_logprobs": [stack("target_logprobs", w) for w in range(num_teachers)],
     }
 
 
-def teacher_rows(batch: dict[str, Any]) -> list[TeacherRows]:
-    return [
+def teacher_rows(batch: dict[str, Any], target_class: bool = False) -> list[TeacherRows]:
+    """One TeacherRows per teacher; with `target_class`, the actual next token joins each teacher's classes."""
+    rows = [
         TeacherRows(ids, logprobs, tail)
         for ids, logprobs, tail in zip(
             batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], strict=True
         )
     ]
+    if target_class:
+        rows = [
+            with_target_class(r, batch["targets"], target)
+            for r, target in zip(rows, batch["target_logprobs"], strict=True)
+        ]
+    return rows
 
 
 def output_head(model: Any) -> torch.nn.Linear:
@@ -126,8 +134,9 @@ def distillation_loss(
     """Student forward + sparse KD/CE loss, normalized by `num_tokens` (the whole optimizer step's count)."""
     hidden = response_hidden_states(model, batch, logits_to_keep)
     w_ce, w_kd = spec.token_weights(num_tokens)
+    teachers = teacher_rows(batch, spec.target_class)
     loss, ce_sum, kd_sum = ChunkedHeadLoss.apply(
-        hidden, head.weight, head.bias, batch["targets"], teacher_rows(batch), spec, w_ce, w_kd, chunk_size
+        hidden, head.weight, head.bias, batch["targets"], teachers, spec, w_ce, w_kd, chunk_size
     )
     return LossParts(loss, ce_sum, kd_sum, int(batch["targets"].numel()))
 

@@ -1,10 +1,13 @@
-"""`pipeline inspect CACHE_DIR [--json] [--verify]`: what a logit cache holds, and whether it is intact."""
+"""`pipeline inspect CACHE_DIR [--json] [--verify] [--sample N]`: what a logit cache holds, whether it is
+intact, and how much of the teacher its top-k carries."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.cache import LogitCacheReader, load_manifest
 from pipeline.errors import UserError
@@ -42,6 +45,36 @@ def summarize(cache_dir: Path) -> dict[str, Any]:
     }
 
 
+def teacher_coverage(cache_dir: Path, samples: int) -> dict[str, Any] | None:
+    """How much of the teacher the top-k carries, over the first `samples` rows (None if none).
+
+    The probability mass outside the top-k is what no top-k loss can pass on (the `bucket` tail
+    keeps only its total); where the actual next token lies outside the top-k, `target_class` adds
+    it back from its cached log-prob.
+    """
+    reader = LogitCacheReader(cache_dir, allow_incomplete=True)
+    tail, inside, target = [], [], []
+    for i, row in enumerate(reader.iter_samples(shuffle=False, seed=0)):
+        if i >= samples:
+            break
+        targets = row.input_ids[row.positions]
+        tail.append(np.exp(row.tail_logmass.double().numpy()))
+        inside.append((row.topk_ids == targets[:, None]).any(1).numpy())
+        target.append(row.target_logprobs.double().numpy())
+    if not tail or not sum(len(t) for t in tail):
+        return None
+    tail_mass, in_topk, target_lp = (np.concatenate(x) for x in (tail, inside, target))
+    return {
+        "samples": min(samples, reader.num_samples),
+        "response_tokens": int(tail_mass.size),
+        "mass_outside_topk_mean": float(tail_mass.mean()),
+        "mass_outside_topk_p50": float(np.percentile(tail_mass, 50)),
+        "mass_outside_topk_p90": float(np.percentile(tail_mass, 90)),
+        "target_in_topk": float(in_topk.mean()),
+        "teacher_nll": float(-target_lp[np.isfinite(target_lp)].mean()),
+    }
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) or "-"
@@ -68,12 +101,24 @@ def _text(info: dict[str, Any]) -> str:
         state = "complete" if part["complete"] else "in progress or interrupted"
         lines.append(f"part {writer:<11} {state}: {part['samples']:,} samples in {part['shards']} shards")
     lines += [f"part {writer:<11} missing" for writer in info["missing_parts"]]
+    cov = info.get("coverage")
+    if cov:
+        lines.append(
+            f"teacher coverage first {cov['samples']:,} samples ({cov['response_tokens']:,} response tokens): "
+            f"mass outside the top-{info['k']} mean {cov['mass_outside_topk_mean']:.3f} "
+            f"(median {cov['mass_outside_topk_p50']:.3f}, p90 {cov['mass_outside_topk_p90']:.3f}); "
+            f"actual token in the top-{info['k']} {100 * cov['target_in_topk']:.1f}%; "
+            f"teacher NLL {cov['teacher_nll']:.3f} nats/token"
+        )
     return "\n".join(lines)
 
 
-def run(cache_dir: Path, *, as_json: bool, verify: bool) -> int:
-    """Print the summary; with `verify`, hash every shard. Returns 0, or 2 when verification fails."""
+def run(cache_dir: Path, *, as_json: bool, verify: bool, sample: int = 0) -> int:
+    """Print the summary; with `verify`, hash every shard; with `sample` > 0, the teacher coverage of
+    the first `sample` rows. Returns 0, or 2 when verification fails."""
     info = summarize(Path(cache_dir))
+    if sample > 0:
+        info["coverage"] = teacher_coverage(Path(cache_dir), sample)
     problem = None
     if verify:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from stages.inspect_cache import run
 from tests.test_cache_writer import write
 
@@ -54,3 +56,31 @@ def test_incomplete_parts_are_shown(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "INCOMPLETE" in out and "part-1-of-2 in progress or interrupted: 2 samples" in out
     assert "part-0-of-2 missing" in out
+
+
+def test_teacher_coverage_matches_the_records(tmp_path, capsys):
+    """--sample N: mass outside the top-k, actual token in the top-k, teacher NLL over the first N rows."""
+    import numpy as np
+
+    from pipeline.cache import LogitCacheWriter
+    from tests.test_cache_writer import IDENTITY, record
+
+    rows = [record(i) for i in range(8)]
+    for r in rows:  # every other response token is the teacher's second choice
+        r.input_ids[r.positions[::2]] = r.topk_ids[::2, 1]
+    with LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=3) as writer:
+        for r in rows:
+            writer.add(r)
+    assert run(tmp_path, as_json=True, verify=False, sample=5) == 0
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    rows = rows[:5]
+    tail = np.concatenate([np.exp(r.tail_logmass.astype(np.float64)) for r in rows])
+    inside = np.concatenate([(r.topk_ids == r.input_ids[r.positions][:, None]).any(1) for r in rows])
+    nll = -np.concatenate([r.target_logprobs for r in rows]).astype(np.float64).mean()
+    assert cov["samples"] == 5 and cov["response_tokens"] == tail.size
+    assert cov["mass_outside_topk_mean"] == pytest.approx(tail.mean(), rel=0.02)  # log-probs are quantized
+    assert cov["mass_outside_topk_p90"] == pytest.approx(np.percentile(tail, 90), rel=0.03)
+    assert 0.5 <= inside.mean() < 1 and cov["target_in_topk"] == pytest.approx(inside.mean())
+    assert cov["teacher_nll"] == pytest.approx(nll, abs=0.01)
+    assert run(tmp_path, as_json=False, verify=False, sample=5) == 0
+    assert "teacher coverage first 5 samples" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, divergence
+from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, divergence, with_target_class
 
 KINDS = ["forward_kld", "reverse_kld", "jsd", "tvd"]
 
@@ -191,3 +191,63 @@ def test_divergence_nonnegative_and_zero_on_equal():
     for kind in KINDS:
         assert (divergence(kind, logp, logq, valid) >= -1e-6).all()
         assert divergence(kind, logp, logp, valid).abs().max() < 1e-6
+
+
+def _target_class_reference(z, teacher_logp, k, targets):
+    """Dense float64 forward KL over the classes [top-k..., x_t where outside the top-k, rest], each row
+    built straight from the full teacher distribution (no cache arithmetic)."""
+    logq = torch.log_softmax(z, 1)
+    rows = []
+    for i in range(z.shape[0]):
+        top = set(teacher_logp[i].topk(k).indices.tolist())
+        named = sorted(top) + ([targets[i].item()] if targets[i].item() not in top else [])
+        p = teacher_logp[i].exp()
+        q = logq[i].exp()
+        rest = torch.ones(z.shape[1], dtype=torch.bool)
+        rest[named] = False
+        p_classes = torch.cat([p[named], p[rest].sum()[None]])
+        q_classes = torch.cat([q[named], q[rest].sum()[None]])
+        rows.append((torch.xlogy(p_classes, p_classes) - p_classes * q_classes.log()).sum())
+    return torch.stack(rows).sum()
+
+
+def test_target_class_matches_dense_reference():
+    n, vocab, k = 32, 200, 8
+    gen = torch.Generator().manual_seed(5)
+    teacher_logp = torch.log_softmax(torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 1.5, 1)
+    top, ids = teacher_logp.topk(k, 1)
+    tail = torch.log1p(-top.exp().sum(1))
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[:8] = ids[:8, 3]  # some targets inside the top-k: no extra class there
+    rows = TeacherRows(ids, top.float(), tail.float())
+    target_lp = teacher_logp.gather(1, targets[:, None]).squeeze(1).float()
+    augmented = with_target_class(rows, targets, target_lp)
+    assert augmented.topk_ids.shape == (n, k + 1)
+    assert torch.isinf(augmented.topk_logprobs[:8, -1]).all() and torch.isfinite(augmented.topk_logprobs[8:, -1]).all()
+
+    z = torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 2
+    spec = KDLossSpec(kd_ratio=1.0)
+    _, kd, dz = run_fused(z, targets, [augmented], spec, w_ce=0.0, w_kd=1.0)
+    zr = z.clone().requires_grad_(True)
+    kd_ref = _target_class_reference(zr, teacher_logp, k, targets)
+    kd_ref.backward()
+    torch.testing.assert_close(kd, kd_ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dz, zr.grad, rtol=1e-4, atol=1e-6)
+    # Rows whose target is in the top-k lose nothing and gain nothing.
+    _, kd_plain, _ = run_fused(z[:8], targets[:8], [rows.narrow(0, 8)], spec, w_ce=0.0, w_kd=1.0)
+    _, kd_aug, _ = run_fused(z[:8], targets[:8], [augmented.narrow(0, 8)], spec, w_ce=0.0, w_kd=1.0)
+    torch.testing.assert_close(kd_aug, kd_plain, rtol=1e-6, atol=1e-6)
+
+
+def test_target_class_when_quantization_gives_the_target_all_the_tail():
+    """p(x_t) >= r (both quantized): the rest of the tail is empty (-inf), and the loss stays finite."""
+    ids = torch.tensor([[0, 1]])
+    rows = TeacherRows(ids, torch.tensor([[-0.5, -1.5]]), torch.tensor([-2.0]))
+    augmented = with_target_class(rows, torch.tensor([5]), torch.tensor([-1.99]))
+    assert augmented.tail_logmass.item() == float("-inf")
+    assert augmented.topk_logprobs[0, -1].item() == pytest.approx(-1.99)
+    for kind in KINDS:
+        ce, kd, dz = chunk_loss_and_grad(
+            torch.randn(1, 10), torch.tensor([5]), [augmented], KDLossSpec(distillation_type=kind), 0.5, 0.5
+        )
+        assert torch.isfinite(kd) and torch.isfinite(dz).all()
