@@ -24,7 +24,8 @@ bench: setup
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/gen_throughput.py
 	$(BIN)/python bench/train_step.py
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality.py --kd-ratio 0.5
+	$(BIN)/python bench/quality.py --kd-ratio 0.5 --teacher-scale 1.5
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,13 +9,14 @@ optimizer, batches and number of steps, through the product's loss path
 (pipeline.student.distillation_loss); only the teacher signal differs:
 
 - SFT only:            kd_ratio 0 (cross-entropy on the response tokens)
-- cached top-k KD:     kd_ratio 1 (or --kd-ratio) against a logit cache written by `gen-logits`, k in {8, 32, 64},
-                       tail `bucket` and `renormalize`
+- cached top-k KD:     kd_ratio 0.5 (or --kd-ratio) against a logit cache written by `gen-logits`,
+                       k in {8, 32, 64}, tail `bucket` (with and without `target_class`) and `renormalize`
 - online full KD:      the same kd_ratio against the teacher run live on each batch, all V log-probs
                        (the upper bound that offline caching approximates)
 
 Held-out metrics use the live teacher's full distribution: exact KL(teacher || student) per response
-token, top-1 agreement and the student's cross-entropy. Run: `python bench/quality.py [--steps N]`.
+token, top-1 agreement and the student's cross-entropy.
+Run: `python bench/quality.py [--steps N] [--kd-ratio R] [--teacher-scale S] [--profile demo]`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> int:
     parser.add_argument("--train-samples", type=int, default=384)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--kd-ratio", type=float, default=1.0, help="kd_ratio of the KD rows (SFT stays at 0)")
+    parser.add_argument("--kd-ratio", type=float, default=0.5, help="kd_ratio of the KD rows (SFT stays at 0)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
