@@ -19,13 +19,15 @@ test: setup
 demo: setup
 	$(BIN)/python -m pipeline.demo
 
+# A bench exits 1 when a goal it checks is missed; `-` lets the others run anyway.
 bench: setup
-	$(BIN)/python bench/codec.py
-	$(BIN)/python bench/loader.py
-	$(BIN)/python bench/gen_throughput.py
-	$(BIN)/python bench/train_step.py
-	$(BIN)/python bench/quality.py --kd-ratio 0.5
-	$(BIN)/python bench/quality.py --kd-ratio 0.5 --teacher-scale 1.5
+	-$(BIN)/python bench/codec.py
+	-$(BIN)/python bench/codec.py --profile quality
+	-$(BIN)/python bench/loader.py
+	-$(BIN)/python bench/gen_throughput.py
+	-$(BIN)/python bench/train_step.py
+	-$(BIN)/python bench/quality.py --kd-ratio 0.5
+	-$(BIN)/python bench/quality.py --kd-ratio 0.5 --teacher-scale 1.5
 
 lint: setup
 	$(BIN)/ruff check .

@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--teacher", type=Path, help="a local model dir (default: the toy bench teacher)")
+    parser.add_argument("--teacher", type=Path, help="a local model dir (default: the toy profile's teacher)")
+    parser.add_argument(
+        "--profile", choices=("bench", "quality"), default="bench",
+        help="toy teacher when --teacher is not given: 'bench' (46M, barely trained) or 'quality' (8M, "
+        "trained 8x longer, more peaked: ids compress worse)",
+    )
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -141,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     if teacher_dir is None:
         from pipeline.toy_models import ensure_toy_assets
 
-        assets = ensure_toy_assets(Path(".assets/toy"), profile="bench")
+        assets = ensure_toy_assets(Path(".assets/toy"), profile=args.profile)
         teacher_dir, info = assets.teacher_dir, assets.teacher_info
+    elif (teacher_dir / "BUILD_INFO.json").is_file():  # a toy model: report its pre-training loss
+        info = json.loads((teacher_dir / "BUILD_INFO.json").read_text())["result"]
     data = teacher_topk(teacher_dir, args.windows, args.seq_len, max(KS))
     p = np.exp(data["lps"].astype(np.float64))
     print(
-        f"teacher {teacher_dir} (pre-training loss {info.get('final_loss', float('nan')):.2f}); "
+        f"teacher {teacher_dir} (pre-training loss {info.get('final_loss', float('nan')):.2f}, held-out loss "
+        f"{info.get('heldout_loss', float('nan')):.2f}); "
         f"{data['ids'].shape[0] * data['ids'].shape[1]} positions; mean top-1 p {p[..., 0].mean():.3f}, "
         f"mean mass outside top-64 {np.exp(data['tails'][..., 63]).mean():.3f}"
     )
