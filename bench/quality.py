@@ -58,6 +58,7 @@ def main() -> int:
         "outside the top-k",
     )
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialization")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-samples", type=int, default=384)
     parser.add_argument("--eval-samples", type=int, default=64)
@@ -84,7 +85,7 @@ def main() -> int:
     vocab = teacher.config.vocab_size
     cached = {k: _rows_by_id(path) for k, path in caches.items()}
     order = sorted(cached[KS[-1]])  # one fixed sample order for every row
-    rng = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(args.seed)
     batches = [
         [order[i] for i in torch.randperm(len(order), generator=rng)[: args.batch_size].tolist()]
         for _ in range(args.steps)
@@ -127,7 +128,7 @@ def main() -> int:
             flush=True,
         )
     report(before, results, vocab, outside, args)
-    out = work / f"results_kd{args.kd_ratio}_steps{args.steps}.json"
+    out = work / f"results_kd{args.kd_ratio}_steps{args.steps}_seed{args.seed}.json"
     record = {"args": vars(args), "teacher": assets.teacher_info, "teacher_mass_outside_topk": outside,
               "before": before, "rows": results}
     out.write_text(json.dumps(record, indent=2))
@@ -230,7 +231,7 @@ def train_variant(student_dir, teacher, cached, batches, source, spec: KDLossSpe
 
     from pipeline.config import LoraConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = wrap_student(
         AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
         LoraConfig(r=16, alpha=32, dropout=0.0),

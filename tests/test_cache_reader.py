@@ -136,6 +136,30 @@ def test_ranks_and_workers_cover_every_sample_once(cache, world_size, num_worker
     assert seen == Counter(f"s{i:03d}" for i in range(N))
 
 
+def test_each_rank_reads_only_its_share_of_the_cache(cache, monkeypatch):
+    """N = 23 rows in 5 shards of 5 (row groups of 2): 4 ranks each read ~1/4 of the row groups, and a
+    rank's range moves with the epoch's shard order."""
+    reader = LogitCacheReader(cache)
+    reads: list[tuple[str, int]] = []
+    original = LogitCacheReader._read_rows
+
+    def recording(self, shard, pf, table, rg, take):
+        reads.append((shard.file, rg))
+        return original(self, shard, pf, table, rg, take)
+
+    monkeypatch.setattr(LogitCacheReader, "_read_rows", recording)
+    total_groups = 5 * 3 - 1  # shards of 5 rows hold 3 row groups (2 + 2 + 1); the last shard has 3 rows
+    shares = {}
+    for epoch in (0, 1):
+        for rank in range(4):
+            reads.clear()
+            ids = order(reader, rank=rank, world_size=4, epoch=epoch)
+            assert len(ids) == reader.rank_num_samples(rank, 4)
+            assert len(reads) <= total_groups // 4 + 2  # its rows' groups, plus at most one partial at each end
+            shares[epoch, rank] = frozenset(ids)
+    assert shares[0, 0] != shares[1, 0]
+
+
 def test_workers_do_not_change_the_rank_stream(cache):
     """Blocks dealt round-robin to workers, read back round-robin, give the single-worker stream."""
     reader = LogitCacheReader(cache)

@@ -3,10 +3,11 @@
 Epoch order (deterministic for a seed):
 1. Global order G: the shards in a permutation drawn from (seed, epoch) (manifest order when
    shuffle=False), each read row group by row group, rows in file order.
-2. Ranks: row i of G belongs to rank i % world_size (row granularity: rank sample counts differ by
-   at most one, so DDP ranks run the same number of steps). Each rank reads only the row groups
-   that hold its rows and copies out only its rows; since the coded columns are stored as zstd
-   frames inside the values, a rank decompresses nothing that it does not use.
+2. Ranks: G is cut into world_size contiguous ranges, rank r taking the r-th, of
+   len(range(r, N, world_size)) rows (sample counts differ by at most one, so DDP ranks run the
+   same number of steps). Each rank opens only the shards and row groups that overlap its range:
+   with W ranks, each reads about 1/W of the cache per epoch, not all of it; and since the shard
+   order changes every epoch, so does each rank's share.
 3. The rank's rows pass through a shuffle buffer (`shuffle_buffer` rows, seeded by seed, epoch and
    rank): the result is this rank's stream S. It does not depend on the number of workers.
 4. `skip` drops the first `skip` items of S (mid-epoch resume; no decoding). The rest is dealt to
@@ -208,16 +209,23 @@ class LogitCacheReader:
         ]
 
     def _rank_rows(self, order: list[ShardEntry], rank: int, world_size: int) -> Iterator[_Row]:
+        total = sum(shard.rows for shard in order)
+        lo = sum(len(range(r, total, world_size)) for r in range(rank))
+        hi = lo + len(range(rank, total, world_size))
         offset = 0  # global row index of the current shard's first row
         for shard in order:
-            pf, table = self._open(shard)
-            start = offset
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                take = np.arange((rank - start) % world_size, n, world_size)
-                if take.size:
-                    yield from self._read_rows(shard, pf, table, rg, None if take.size == n else take)
-                start += n
+            if offset >= hi:
+                break
+            if offset + shard.rows > lo:  # the shard overlaps this rank's range: open (and verify) it
+                pf, table = self._open(shard)
+                start = offset
+                for rg in range(pf.num_row_groups):
+                    n = pf.metadata.row_group(rg).num_rows
+                    first, last = max(lo, start) - start, min(hi, start + n) - start
+                    if first < last:
+                        take = None if (first, last) == (0, n) else np.arange(first, last)
+                        yield from self._read_rows(shard, pf, table, rg, take)
+                    start += n
             offset += shard.rows
 
     def _decode(self, row: _Row) -> CacheSample:
