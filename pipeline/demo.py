@@ -36,13 +36,17 @@ def run_stage(name: str, *args: str, timings: dict[str, float], capture_json: bo
 
 
 def _overwrite_if_stale(cache_dir: Path, teacher_dir: Path) -> list[str]:
+    """["--overwrite"] when a cache left by an earlier demo came from another teacher build or codec."""
+    from pipeline.cache.codec import TopKCodec
     from pipeline.models import model_identity
 
     manifest = cache_dir / "manifest.json"
     if not manifest.exists():
         return []
-    recorded = json.loads(manifest.read_text()).get("teacher", {}).get("hash")
-    return [] if recorded == model_identity(teacher_dir)["hash"] else ["--overwrite"]
+    recorded = json.loads(manifest.read_text())
+    same_teacher = recorded.get("teacher", {}).get("hash") == model_identity(teacher_dir)["hash"]
+    same_codec = recorded.get("codec") == TopKCodec().params()
+    return [] if same_teacher and same_codec else ["--overwrite"]
 
 
 def main() -> int:
@@ -65,7 +69,7 @@ def main() -> int:
     adapter = runs / "student_lora"
     merged = runs / "student_merged"
     config = ["--config", str(CONFIG)]
-    # A finished cache is reused (gen-logits resumes or does nothing); one from an older teacher is redone.
+    # A finished cache is reused (gen-logits resumes or does nothing); one from an older teacher or codec is redone.
     run_stage("gen-logits", "gen-logits", *config, *_overwrite_if_stale(runs / "cache_train", assets.teacher_dir),
               timings=timings)
     run_stage("gen-logits", "gen-logits", *config, "--set", f"dataset.labeled_path={held_out}",
