@@ -94,6 +94,11 @@ def print_summary(cache: dict, before: dict, after: dict, timings: dict[str, flo
     print("\n=== demo summary")
     print(f"cache: {cache['samples']} samples, {cache['response_tokens']} response tokens, k={cache['k']}, "
           f"{cache['bytes'] / 1e6:.2f} MB, {cache['bytes_per_response_token']:.1f} bytes/response token")
+    coverage = cache.get("coverage")
+    if coverage:  # what a top-k cache cannot carry (the briefly trained toy teacher is flat)
+        k = cache["k"]
+        print(f"teacher: {coverage['mass_outside_topk_mean']:.1%} of its probability mass outside its top-{k}, "
+              f"actual token in its top-{k} {coverage['target_in_topk']:.1%}")
     rows = [("teacher KL (nats/token)", "kl"), ("top-1 agreement", "top1_agreement"),
             ("response cross-entropy", "cross_entropy")]
     print(f"\n{'held-out metric':<26}{'student before':>16}{'student after':>16}")
