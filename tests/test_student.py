@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_losses import make_teacher, reference
@@ -88,3 +90,29 @@ def test_student_forward_uses_logits_at_t_minus_1(tiny_student_dir):
     torch.testing.assert_close(parts.ce_sum.double(), ce, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(parts.kd_sum.double(), kd, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(parts.loss.double(), (0.5 * ce + 0.5 * kd) / 7, rtol=1e-5, atol=1e-5)
+
+
+def test_target_class_reaches_the_loss(tiny_student_dir):
+    """`distillation.target_class` -> KDLossSpec -> the actual token joins the teacher's classes in the loss."""
+    from pipeline.config import config_from_dict
+    from pipeline.losses import with_target_class
+
+    config = config_from_dict({"distillation": {"target_class": True}}, Path("."))
+    spec = KDLossSpec.from_config(config.distillation, 1)
+    assert spec.target_class
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    a = sample("a", list(range(5, 17)), [6, 7, 11], vocab=vocab, k=16, seed=3)
+    a.target_logprobs = a.tail_logmass - 1.0  # the actual tokens hold e^-1 of each row's tail
+    batch = collate([[a]], pad_id=0, max_seq_length=64)
+    assert not (a.topk_ids == batch["targets"][:, None]).any()  # every target lies outside the top-k
+    with_class = distillation_loss(model, output_head(model), batch, spec, num_tokens=3, chunk_size=2)
+    without = distillation_loss(
+        model, output_head(model), batch, KDLossSpec(target_class=False), num_tokens=3, chunk_size=2
+    )
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits[0, [5, 6, 10]].double()
+    rows = [with_target_class(teacher_rows(batch)[0], batch["targets"], batch["target_logprobs"][0])]
+    _, kd = reference(logits, batch["targets"], rows, spec)
+    torch.testing.assert_close(with_class.kd_sum.double(), kd, rtol=1e-5, atol=1e-4)
+    assert abs(with_class.kd_sum.item() - without.kd_sum.item()) > 1e-3
