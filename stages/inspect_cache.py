@@ -102,6 +102,8 @@ def _text(info: dict[str, Any]) -> str:
         lines.append(f"part {writer:<11} {state}: {part['samples']:,} samples in {part['shards']} shards")
     lines += [f"part {writer:<11} missing" for writer in info["missing_parts"]]
     cov = info.get("coverage")
+    if info.get("coverage_error"):
+        lines.append(f"teacher coverage could not be read: {info['coverage_error']}")
     if cov:
         lines.append(
             f"teacher coverage first {cov['samples']:,} samples ({cov['response_tokens']:,} response tokens): "
@@ -118,7 +120,10 @@ def run(cache_dir: Path, *, as_json: bool, verify: bool, sample: int = 0) -> int
     the first `sample` rows. Returns 0, or 2 when verification fails."""
     info = summarize(Path(cache_dir))
     if sample > 0:
-        info["coverage"] = teacher_coverage(Path(cache_dir), sample)
+        try:
+            info["coverage"] = teacher_coverage(Path(cache_dir), sample)
+        except UserError as exc:  # a damaged shard must not hide the summary (or --verify's report)
+            info["coverage"], info["coverage_error"] = None, str(exc)
     problem = None
     if verify:
         try:

@@ -35,8 +35,9 @@ def test_json_and_failed_verification(tmp_path, capsys):
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert run(tmp_path, as_json=True, verify=True) == 2
+    assert run(tmp_path, as_json=True, verify=True, sample=12) == 2  # coverage reads the damaged shard too
     info = json.loads(capsys.readouterr().out)
+    assert info["coverage"] is None and "shard-part-0-of-1-00001.parquet" in info["coverage_error"]
     assert info["samples"] == 12 and info["shards"] == 3 and info["complete"] is True
     assert info["tokenizer"] == {"hash": "tok0", "vocab_size": 500}
     assert info["bytes_per_response_token"] > 0 and info["stats"] == {"truncated": 1, "skipped": 2}
