@@ -65,6 +65,31 @@ def check_same_vocab(reference: Any, reference_name: str, other: Any, other_name
         )
 
 
+def check_cache_tokenizer(cache_dir: Path | str, identity: dict[str, Any], tokenizer: Any) -> None:
+    """A cache's token ids must mean the same tokens to this model: equal tokenizer hashes, or (as
+    gen-logits accepts) the cache's tokenizer's vocabulary contained id for id in this one's.
+
+    The cache's tokenizer is the one recorded as `tokenizer.path` (the first teacher's, whose ids every
+    teacher's cache holds), else the cache's own teacher.
+    """
+    found = identity.get("tokenizer", {})
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if found.get("hash") == fingerprint["hash"]:
+        return
+    source = str(found.get("path") or identity.get("teacher", {}).get("path"))
+    if Path(source).is_dir():  # the hash also covers special-token names: compare the vocabularies
+        recorded = load_tokenizer(source, role="teacher")
+        if tokenizer_fingerprint(recorded)["hash"] == found.get("hash"):
+            check_same_vocab(recorded, source, tokenizer, "the student")
+            return
+    raise UserError(
+        f"The cache {cache_dir} was made with a different tokenizer than the student's "
+        f"(vocabulary {found.get('vocab_size')} vs {fingerprint['vocab_size']} tokens, hash "
+        f"{str(found.get('hash'))[:12]} vs {fingerprint['hash'][:12]}): its token ids would mean other "
+        "tokens to the student. Use a student that shares the teacher's tokenizer."
+    )
+
+
 def model_identity(model_dir: Path | str) -> dict[str, Any]:
     """Path, dtype and a hash of config.json plus every weight file's size and first and last MiB.
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.cache import LogitCacheReader
 from pipeline.errors import UserError, require
 from pipeline.losses import divergence, teacher_class_logprobs
-from pipeline.models import check_model_path, load_tokenizer, tokenizer_fingerprint
+from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer
 from pipeline.student import collate, output_head, response_hidden_states
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def run(
     as_json: bool = False,
 ) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_dir, role="student")
-    reader = LogitCacheReader(cache_dir, expect={"tokenizer_hash": tokenizer_fingerprint(tokenizer)["hash"]})
+    reader = LogitCacheReader(cache_dir)
+    check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer)
     model = load_student(model_dir, adapter)
     total = reader.num_samples if limit is None else min(limit, reader.num_samples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -61,7 +61,8 @@ def run(config: Config, *, part: int = 0, num_parts: int = 1, overwrite: bool = 
             _remove_part(cache_dir, writer_id, whole=num_parts == 1)
 
     base_identity = {
-        "tokenizer": fingerprint,
+        # The first teacher's tokenizer made every cache's token ids; its path lets readers compare vocabularies.
+        "tokenizer": {**fingerprint, "path": str(teachers[0])},
         "k": inference.top_logits_num,
         "dataset": dataset_identity(config, inference.mode, tokenizer),
         "mode": inference.mode,

@@ -23,7 +23,8 @@ from pipeline.errors import UserError
 from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
 from pipeline.lora import wrap_student
 from pipeline.losses import KDLossSpec
-from pipeline.models import check_model_path, check_same_vocab, load_tokenizer, tokenizer_fingerprint
+from pipeline.models import check_cache_tokenizer as check_cache_tokenizer_ids
+from pipeline.models import check_model_path, load_tokenizer
 from pipeline.student import collate
 
 log = logging.getLogger(__name__)
@@ -151,24 +152,8 @@ def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
 
 
 def check_cache_tokenizer(reader: LogitCacheReader, tokenizer: Any) -> None:
-    """The cache's token ids must mean the same tokens to the student: equal tokenizer hashes, or (as
-    gen-logits accepts) the teacher's vocabulary contained id for id in the student's."""
-    found = reader.manifest.identity.get("tokenizer", {})
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if found.get("hash") == fingerprint["hash"]:
-        return
-    teacher = str(reader.manifest.identity.get("teacher", {}).get("path"))
-    if Path(teacher).is_dir():  # the hash also covers special-token names: compare the vocabularies
-        teacher_tokenizer = load_tokenizer(teacher, role="teacher")
-        if tokenizer_fingerprint(teacher_tokenizer)["hash"] == found.get("hash"):
-            check_same_vocab(teacher_tokenizer, teacher, tokenizer, "the student")
-            return
-    raise UserError(
-        f"The cache {reader.cache_dir} was made with a different tokenizer than the student's "
-        f"(vocabulary {found.get('vocab_size')} vs {fingerprint['vocab_size']} tokens, hash "
-        f"{str(found.get('hash'))[:12]} vs {fingerprint['hash'][:12]}): its token ids would mean other "
-        "tokens to the student. Use a student that shares the teacher's tokenizer."
-    )
+    """The cache's token ids must mean the same tokens to the student (pipeline.models.check_cache_tokenizer)."""
+    check_cache_tokenizer_ids(reader.cache_dir, reader.manifest.identity, tokenizer)
 
 
 def _check_config(config: Config) -> tuple[str, Path]:

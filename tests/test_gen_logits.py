@@ -183,6 +183,8 @@ def test_generate_mode_two_teachers_score_the_first_ones_sequences(
     check_against_teacher(first, tiny_model_dir)
     check_against_teacher(second, sharp_teacher_dir)
     assert load_manifest(dirs[1]).identity["sampling"]["generator"] == str(tiny_model_dir)
+    # Both caches hold the first teacher's token ids, and say whose tokenizer made them.
+    assert load_manifest(dirs[1]).identity["tokenizer"]["path"] == str(tiny_model_dir)
     # A complete cache is a no-op: no engine starts.
     monkeypatch.setattr(gen_logits, "make_engine", lambda *a, **k: pytest.fail("engine started"))
     assert gen_logits.run(config)["samples"] == 0

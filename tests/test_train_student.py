@@ -322,6 +322,29 @@ def test_tokenizer_hash_differs_but_ids_agree(caches, tiny_tokenizer_dir):
     train_student.check_cache_tokenizer(reader, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
 
 
+def test_second_teachers_cache_is_checked_against_the_recorded_tokenizer(tmp_path, samples, tiny_model_dir,
+                                                                           tiny_tokenizer_dir):
+    """Every teacher's cache holds the first teacher's token ids and tokenizer hash. A second teacher whose
+    tokenizer hashes differently (other special-token names) must not make the check fail: the recorded
+    `tokenizer.path` is the one compared, for train-student and eval alike."""
+    import shutil
+
+    from pipeline.models import check_cache_tokenizer
+
+    cache = write_cache(tmp_path / "b", samples[:2], tiny_model_dir)  # ids and hash of the first teacher
+    identity = LogitCacheReader(cache).manifest.identity
+    student = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)  # same ids, another hash
+    teacher_b = tmp_path / "teacher_b"  # the same vocabulary, another pad token: another hash
+    shutil.copytree(tiny_model_dir, teacher_b)
+    settings = json.loads((teacher_b / "tokenizer_config.json").read_text())
+    (teacher_b / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "<|im_end|>"}))
+    second_teacher = {**identity, "teacher": {"path": str(teacher_b)}}
+    with pytest.raises(UserError, match="different tokenizer"):  # no recorded path: the teacher's is compared
+        check_cache_tokenizer(cache, second_teacher, student)
+    recorded = {**second_teacher, "tokenizer": {**identity["tokenizer"], "path": str(tiny_model_dir)}}
+    check_cache_tokenizer(cache, recorded, student)
+
+
 def test_missing_target_modules_fail_before_training(tmp_path, caches, tiny_student_dir):
     lora = {"target_modules": ["W_pack"]}
     config = make_config(tmp_path / "out", caches["train"], tiny_student_dir, lora=lora)
