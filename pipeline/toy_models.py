@@ -270,22 +270,24 @@ def _tokenizer_spec(vocab_size: int, corpus_chars: int) -> dict[str, Any]:
 _TOKENIZER_8K = ("tokenizer-8k", _tokenizer_spec(8192, 4_000_000))
 # Brief on purpose: a student pre-trained as long as the teacher catches up with it (measured), and
 # then the demo has nothing to distill.
+_SMALL_STUDENT_MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "intermediate_size": 512, "seed": 1}
 _SMALL_STUDENT = (
     "student-small",
     {
-        "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "intermediate_size": 512, "seed": 1},
+        "model": _SMALL_STUDENT_MODEL,
         "pretrain": {"split": "student", "corpus_chars": 1_000_000, "steps": 20, "batch_size": 4,
                      "seq_len": 512, "lr": 3e-3, "seed": 1},
     },
 )
+_TEACHER_8M_MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+                     "intermediate_size": 1024, "seed": 0}  # 8.1M parameters, head_dim 64 (vLLM CPU)
 PROFILES: dict[str, dict[str, Any]] = {
     "demo": {
         "tokenizer": _TOKENIZER_8K,
         "teacher": (
             "teacher-demo",
             {
-                "model": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
-                          "intermediate_size": 1024, "seed": 0},
+                "model": _TEACHER_8M_MODEL,
                 "pretrain": {"split": "teacher", "corpus_chars": 4_000_000, "steps": 200, "batch_size": 4,
                              "seq_len": 512, "lr": 3e-3, "seed": 0},
             },
@@ -315,8 +317,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": (
             "teacher-quality",
             {
-                "model": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
-                          "intermediate_size": 1024, "seed": 0},
+                "model": _TEACHER_8M_MODEL,
                 "pretrain": {"split": "teacher", "corpus_chars": 8_000_000, "steps": 1600, "batch_size": 8,
                              "seq_len": 256, "lr": 3e-3, "seed": 0},
             },
@@ -324,8 +325,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "student": (
             "student-quality",
             {
-                "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "intermediate_size": 512,
-                          "seed": 1},
+                "model": _SMALL_STUDENT_MODEL,
                 "pretrain": {"split": "student", "corpus_chars": 2_000_000, "steps": 300, "batch_size": 8,
                              "seq_len": 256, "lr": 3e-3, "seed": 1},
             },
