@@ -23,8 +23,7 @@ from pipeline.errors import UserError
 from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
 from pipeline.lora import wrap_student
 from pipeline.losses import KDLossSpec
-from pipeline.models import check_cache_tokenizer as check_cache_tokenizer_ids
-from pipeline.models import check_model_path, load_tokenizer
+from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer
 from pipeline.student import collate
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
             )
     readers = [LogitCacheReader(d) for d in dirs]
     for reader in readers:
-        check_cache_tokenizer(reader, tokenizer)
+        check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer)
     teachers = [str(t) for t in config.models.teacher]
     if len(readers) > 1 and teachers:
         by_teacher = {str(r.manifest.identity.get("teacher", {}).get("path")): r for r in readers}
@@ -149,11 +148,6 @@ def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
             f"`distillation.teacher_weights` has {len(weights)} entries for {len(readers)} teacher caches."
         )
     return readers
-
-
-def check_cache_tokenizer(reader: LogitCacheReader, tokenizer: Any) -> None:
-    """The cache's token ids must mean the same tokens to the student (pipeline.models.check_cache_tokenizer)."""
-    check_cache_tokenizer_ids(reader.cache_dir, reader.manifest.identity, tokenizer)
 
 
 def _check_config(config: Config) -> tuple[str, Path]:

@@ -22,7 +22,7 @@ from pipeline.config import config_from_dict, load_config
 from pipeline.data import load_samples
 from pipeline.errors import UserError
 from pipeline.losses import KDLossSpec
-from pipeline.models import tokenizer_fingerprint
+from pipeline.models import check_cache_tokenizer, tokenizer_fingerprint
 from pipeline.records import TeacherTopK
 from pipeline.student import collate, distillation_loss, output_head
 from stages import train_student
@@ -319,7 +319,7 @@ def test_tokenizer_mismatch_fails_before_training(tmp_path, caches, tiny_student
 def test_tokenizer_hash_differs_but_ids_agree(caches, tiny_tokenizer_dir):
     """Same token ids, other special-token names (so another hash): accepted, as gen-logits accepts it."""
     reader = LogitCacheReader(caches["train"])
-    train_student.check_cache_tokenizer(reader, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
 
 
 def test_second_teachers_cache_is_checked_against_the_recorded_tokenizer(tmp_path, samples, tiny_model_dir,
@@ -328,8 +328,6 @@ def test_second_teachers_cache_is_checked_against_the_recorded_tokenizer(tmp_pat
     tokenizer hashes differently (other special-token names) must not make the check fail: the recorded
     `tokenizer.path` is the one compared, for train-student and eval alike."""
     import shutil
-
-    from pipeline.models import check_cache_tokenizer
 
     cache = write_cache(tmp_path / "b", samples[:2], tiny_model_dir)  # ids and hash of the first teacher
     identity = LogitCacheReader(cache).manifest.identity
