@@ -99,17 +99,19 @@ def main() -> int:
         variants += [(f"cached top-{k} KD, {label}", k, tail, target, args.kd_ratio) for k in KS]
     variants.append(("online full-vocabulary KD", "online", "renormalize", False, args.kd_ratio))
 
-    outside = teacher_mass_outside_topk(teacher, held_out)
+    with torch.no_grad():  # the teacher's held-out logits, computed once for every row's evaluation
+        teacher_logits = [_logits_at_responses(teacher, batch) for batch in held_out]
+    outside = teacher_mass_outside_topk(teacher_logits)
     print("teacher on held-out responses, mean probability mass outside its top-k: "
           + ", ".join(f"k={k}: {m:.3f}" for k, m in outside.items()), flush=True)
     results = []
-    before = evaluate(AutoModelForCausalLM.from_pretrained(assets.student_dir).eval(), teacher, held_out)
+    before = evaluate(AutoModelForCausalLM.from_pretrained(assets.student_dir).eval(), teacher_logits, held_out)
     for name, source, tail, target, kd_ratio in variants:
         start = time.perf_counter()
         spec = KDLossSpec(kd_ratio=kd_ratio, tail=tail, target_class=target)
         student = train_variant(assets.student_dir, teacher, cached, batches, source, spec, vocab, args)
         seconds = time.perf_counter() - start
-        metrics = evaluate(student, teacher, held_out)
+        metrics = evaluate(student, teacher_logits, held_out)
         storage = _bytes_per_token(caches[source]) if isinstance(source, int) else None
         results.append(
             {
@@ -263,12 +265,12 @@ def train_variant(student_dir, teacher, cached, batches, source, spec: KDLossSpe
     return model.eval()
 
 
-def teacher_mass_outside_topk(teacher, batches: list[dict]) -> dict[int, float]:
+def teacher_mass_outside_topk(teacher_logits: list[torch.Tensor]) -> dict[int, float]:
     """What a top-k cache cannot carry: the teacher's mean probability mass outside its top k, per k."""
     outside, tokens = dict.fromkeys(KS, 0.0), 0
     with torch.no_grad():
-        for batch in batches:
-            probs = torch.softmax(_logits_at_responses(teacher, batch).double(), -1)
+        for logits in teacher_logits:
+            probs = torch.softmax(logits.double(), -1)
             top = probs.topk(max(KS), dim=-1).values.cumsum(-1)
             for k in KS:
                 outside[k] += (1 - top[:, k - 1]).clamp_min(0).sum().item()
@@ -276,12 +278,12 @@ def teacher_mass_outside_topk(teacher, batches: list[dict]) -> dict[int, float]:
     return {k: v / tokens for k, v in outside.items()}
 
 
-def evaluate(student, teacher, batches: list[dict]) -> dict[str, float]:
+def evaluate(student, teacher_logits: list[torch.Tensor], batches: list[dict]) -> dict[str, float]:
     """Exact full-vocabulary KL(teacher || student), top-1 agreement and CE per response token."""
     kl = top1 = ce = tokens = 0.0
     with torch.no_grad():
-        for batch in batches:
-            logp = torch.log_softmax(_logits_at_responses(teacher, batch).double(), -1)
+        for logits, batch in zip(teacher_logits, batches, strict=True):
+            logp = torch.log_softmax(logits.double(), -1)
             logq = torch.log_softmax(_logits_at_responses(student, batch).double(), -1)
             kl += (logp.exp() * (logp - logq)).sum().item()
             top1 += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
