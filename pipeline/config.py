@@ -42,6 +42,9 @@ class InferenceConfig:
     engine: Literal["vllm", "hf"] = "vllm"
     mode: Literal["score", "generate"] = "score"
     top_logits_num: int = 64
+    # U ids drawn per response token from the teacher's distribution outside its top-k (0 = a plain
+    # top-k cache): the stored counts make an unbiased estimate of the whole distribution.
+    tail_samples: int = 0
     max_model_len: int | None = None
     max_new_tokens: int = 512
     temperature: float = 1.0
@@ -62,7 +65,8 @@ class DistillationConfig:
     kd_ratio: float = 0.5
     distillation_type: Literal["forward_kld", "reverse_kld", "jsd", "tvd"] = "forward_kld"
     temperature: float = 1.0
-    tail: Literal["bucket", "renormalize"] = "bucket"
+    # auto: `sampled` for a cache with tail samples, else `bucket` (see pipeline.losses).
+    tail: Literal["auto", "bucket", "renormalize", "sampled"] = "auto"
     # Where the response token lies outside the teacher's top-k, give it its own class with its cached
     # log-prob, taken out of the tail (pipeline.losses.with_target_class). Costs no storage.
     target_class: bool = False
@@ -106,7 +110,8 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "path"}
 
 # Range checks beyond the type: key path -> (predicate, what is allowed).
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "inference.top_logits_num": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "inference.top_logits_num": (lambda v: 0 <= v <= 4096, "an integer from 0 to 4096 (0 needs tail_samples)"),
+    "inference.tail_samples": (lambda v: 0 <= v <= 4096, "an integer from 0 to 4096"),
     "inference.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "inference.temperature": (lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
     "inference.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -214,6 +219,12 @@ def _check_training(raw: Any, base_dir: Path) -> dict[str, Any]:
 
 
 def _check_cross_section(config: Config) -> None:
+    inference = config.inference
+    if inference.top_logits_num == 0 and inference.tail_samples == 0:
+        raise UserError(
+            "`inference.top_logits_num` is 0 and `inference.tail_samples` is 0: the cache would hold no "
+            "teacher targets. Set top_logits_num >= 1, or tail_samples >= 1 for a purely sampled cache."
+        )
     weights = config.distillation.teacher_weights
     if weights is not None and config.models.teacher and len(weights) != len(config.models.teacher):
         raise UserError(

@@ -9,6 +9,11 @@ log r; DESIGN.md "Losses"):
     teacher  p ∝ exp(a / T) over S, plus the tail class exp(log r / T) for "bucket", renormalized.
              Tempering the tail as one class (r^(1/T)) is an approximation: the true tempered tail is
              sum_{j not in S} p_j^(1/T), which the cache does not hold. At T = 1 it is exact.
+    sampled  (a cache with a sampled tail, pipeline.tail_sampling) the tail class is replaced by the
+             sampled ids with target p_hat_j = r c_j / U, the student's mass elsewhere gets target 0;
+             forward_kld only: its gradient q - p_hat is unbiased for the full-vocabulary q - p.
+             At T != 1 the tempered targets are self-normalized importance weights: p_i^(1/T) on S,
+             (r / U) c_j p_j^(1/T - 1) on sampled ids, normalized together (consistent, slightly biased).
     KD       forward_kld  sum p (log p - log q)      reverse_kld  sum q (log q - log p)
              jsd          (KL(p||m) + KL(q||m)) / 2, m = (p + q) / 2      tvd  sum |p - q| / 2
              over the classes (S and the tail); with several teachers KD = sum_w weight_w * KD_w.
@@ -28,6 +33,7 @@ pass, so the caller never keeps [positions, vocab] tensors for backward (see pip
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -36,7 +42,7 @@ import torch
 from torch import Tensor
 
 DistillationType = Literal["forward_kld", "reverse_kld", "jsd", "tvd"]
-TailMode = Literal["bucket", "renormalize"]
+TailMode = Literal["auto", "bucket", "renormalize", "sampled"]
 LOG_PROB_FLOOR = -100.0  # reverse_kld only: a teacher class with p == 0 counts as p = e^-100
 _NEG_INF = float("-inf")
 
@@ -48,7 +54,7 @@ class KDLossSpec:
     kd_ratio: float = 0.5
     distillation_type: DistillationType = "forward_kld"
     temperature: float = 1.0
-    tail: TailMode = "bucket"
+    tail: TailMode = "auto"
     teacher_weights: tuple[float, ...] = (1.0,)
     target_class: bool = False
 
@@ -78,13 +84,71 @@ class TeacherRows:
     topk_ids: Tensor  # int64 [N, k]
     topk_logprobs: Tensor  # float32 [N, k], may hold -inf
     tail_logmass: Tensor  # float32 [N], -inf when the top-k holds all the mass
+    sample_ids: Tensor | None = None  # int64 [N, m]: a sampled-tail cache's unique tail ids
+    sample_counts: Tensor | None = None  # int [N, m]: draws of each; 0 = padding
+    sample_logprobs: Tensor | None = None  # float32 [N, m]: their teacher log-probs
 
     def narrow(self, start: int, length: int) -> TeacherRows:
         return TeacherRows(
-            self.topk_ids.narrow(0, start, length),
-            self.topk_logprobs.narrow(0, start, length),
-            self.tail_logmass.narrow(0, start, length),
+            *(None if t is None else t.narrow(0, start, length) for t in dataclasses.astuple(self))
         )
+
+    @property
+    def sampled(self) -> bool:
+        return self.sample_ids is not None
+
+
+def tail_mode(spec_tail: TailMode, rows: TeacherRows) -> str:
+    """The loss one teacher gets: `auto` is `sampled` for a sampled-tail cache, else `bucket`."""
+    if spec_tail == "auto":
+        return "sampled" if rows.sampled else "bucket"
+    return spec_tail
+
+
+def check_tail_settings(spec: KDLossSpec, kinds: Sequence[tuple[str, int]]) -> None:
+    """Refuse loss settings a teacher's cache cannot serve; kinds: (cache kind, k) per teacher, the
+    kind being "top-k", "hybrid" or "sampled" (pipeline.cache.Manifest.kind). Raises ValueError."""
+    for index, (kind, k) in enumerate(kinds):
+        has_samples = kind != "top-k"
+        mode = "sampled" if spec.tail == "auto" and has_samples else ("bucket" if spec.tail == "auto" else spec.tail)
+        who = f"teacher {index} ({kind} cache, k={k})"
+        if mode == "sampled" and not has_samples:
+            raise ValueError(
+                f"`distillation.tail: sampled` needs a cache with tail samples, but {who} has none: "
+                "regenerate it with `inference.tail_samples` > 0, or use tail `auto` or `bucket`."
+            )
+        if mode == "sampled" and spec.distillation_type != "forward_kld":
+            raise ValueError(
+                f"{who}: sampled targets give an unbiased gradient for forward_kld only; "
+                f"`distillation_type: {spec.distillation_type}` has no such estimator from samples. Use "
+                "forward_kld, or `distillation.tail: bucket` to train on the exact top-k and the tail mass alone."
+            )
+        if mode == "sampled" and spec.target_class:
+            raise ValueError(
+                f"{who}: `distillation.target_class` applies to the bucket tail only; a sampled tail already "
+                "places the tail's mass on tokens. Set target_class to false."
+            )
+        if mode in ("bucket", "renormalize") and k == 0:
+            raise ValueError(
+                f"{who} has no exact top-k, so `distillation.tail: {mode}` has nothing to train on; use "
+                "tail `auto` or `sampled`."
+            )
+
+
+def sampled_class_logprobs(rows: TeacherRows, valid: Tensor, temperature: float) -> Tensor:
+    """log of the teacher targets over [S..., sampled ids...] at temperature T, normalized over `valid`.
+
+    T = 1: p_i on S and r c_j / U on the sampled ids (U = the row's draws). T != 1: p_i^(1/T) and
+    (r / U) c_j p_j^(1/T - 1), i.e. the tempered tail mass sum_j p_j^(1/T) = r E[p_j^(1/T - 1)] and its
+    shape estimated by self-normalized importance weights.
+    """
+    counts = rows.sample_counts.double()
+    draws = counts.sum(1, keepdim=True).clamp(min=1)
+    log_w = rows.tail_logmass.double()[:, None] + torch.log(counts / draws)
+    if temperature != 1:
+        log_w = log_w + (1 / temperature - 1) * rows.sample_logprobs.double()
+    logits = torch.cat([rows.topk_logprobs.double() / temperature, log_w], 1)
+    return torch.log_softmax(logits.masked_fill(~valid, _NEG_INF), dim=1).float()
 
 
 def with_target_class(rows: TeacherRows, targets: Tensor, target_logprobs: Tensor) -> TeacherRows:
@@ -177,13 +241,14 @@ def chunk_loss_and_grad(
     targets: int64 [n] actual next tokens. Returns (ce_sum, kd_sum, dz), the sums detached.
     """
     T = spec.temperature
-    bucket = spec.tail == "bucket"
+    modes = [tail_mode(spec.tail, teacher) for teacher in teachers]
+    dense = sum(mode in ("bucket", "sampled") for mode in modes)  # teachers that need a full [n, V] pass
     z_target = z.gather(1, targets[:, None]).squeeze(1)
     u = z if T == 1 else z / T
-    # CE's softmax equals the student's full softmax at T = 1, so it rides on the first bucket pass.
-    ce_folded = bucket and T == 1
+    # CE's softmax equals the student's full softmax at T = 1, so it rides on the first dense pass.
+    ce_folded = dense > 0 and T == 1
     # Dense [n, V] passes left that read u; the last one may overwrite it instead of copying.
-    uses_of_u = (len(teachers) if bucket else 0) + (1 if (not ce_folded and u is z) else 0)
+    uses_of_u = dense + (1 if (not ce_folded and u is z) else 0)
     dz: Tensor | None = None
     ce_lse: Tensor | None = None
     kd_sum = z.new_zeros(())
@@ -198,16 +263,41 @@ def chunk_loss_and_grad(
         dz = part if dz is None else dz.add_(part)
 
     sparse_ids, sparse_grads = [], []
-    for teacher, weight in zip(teachers, spec.teacher_weights, strict=True):
+    for teacher, weight, mode in zip(teachers, spec.teacher_weights, modes, strict=True):
         a = teacher.topk_logprobs
         # -inf entries (and ids beyond the student's vocabulary) are no class. They point at the row's
         # first real entry, so that scatters leave their own id in the tail and never go out of range.
         in_s = torch.isfinite(a) & (teacher.topk_ids < z.shape[1])
-        first = teacher.topk_ids.gather(1, in_s.int().argmax(1, keepdim=True)).clamp(max=z.shape[1] - 1)
+        if a.shape[1]:
+            first = teacher.topk_ids.gather(1, in_s.int().argmax(1, keepdim=True)).clamp(max=z.shape[1] - 1)
+        else:  # a purely sampled cache (k = 0): padding points at id 0, its gradient is masked
+            first = teacher.topk_ids.new_zeros((a.shape[0], 1))
         ids = torch.where(in_s, teacher.topk_ids, first)
         u_s = u.gather(1, ids).masked_fill(~in_s, _NEG_INF)
         w = w_kd * weight / T  # d u / d z = 1 / T
-        if not bucket:
+        if mode == "sampled":
+            # Classes: S and the sampled tail ids (disjoint), the student's full softmax on both; the
+            # rest of the student's mass has target 0. dD/du_j = g_j [j a class] - G q_j, G = sum of g.
+            real = teacher.sample_counts > 0
+            sample_ids = torch.where(real, teacher.sample_ids, first).clamp(max=z.shape[1] - 1)
+            ids = torch.cat([ids, sample_ids], 1)
+            valid = torch.cat([in_s, real & (teacher.sample_ids < z.shape[1])], 1)
+            u_c = u.gather(1, ids).masked_fill(~valid, _NEG_INF)
+            buf = take_u()
+            lse, inv_total = _exp_rows_(buf)  # buf = exp(u - rowmax)
+            logq = u_c - lse[:, None]
+            logp = sampled_class_logprobs(teacher, valid, T)
+            rows, g = _divergence_and_grad(spec.distillation_type, logp, logq, valid)
+            kd_sum = kd_sum + weight * rows.sum()
+            coef = -w * g.sum(1)
+            if ce_folded and ce_lse is None:
+                ce_lse = lse
+                coef = coef + w_ce
+            accumulate(buf.mul_((coef * inv_total)[:, None]))
+            sparse_ids.append(ids)
+            sparse_grads.append((w * g).masked_fill(~valid, 0.0))
+            continue
+        if mode == "renormalize":
             logq = torch.log_softmax(u_s, 1)
             logp = teacher_class_logprobs(a, None, T)
             rows, g = _divergence_and_grad(spec.distillation_type, logp, logq, in_s)

@@ -23,6 +23,9 @@ class TeacherTopK:
     target_logprobs: float32 [R]     log p(x_t | x_<t) of the token that actually follows
     tail_logmass:    float32 [R]     log(1 - sum(exp(topk_logprobs))), computed stably;
                                      -inf when the top-k holds all of the mass
+    sample_ids:      int32   [R, m]  a sampled-tail cache's unique ids drawn from the tail (padded)
+    sample_counts:   int32   [R, m]  how often each was drawn; 0 marks padding
+    sample_logprobs: float32 [R, m]  their log-softmax at temperature 1; -inf on padding
     """
 
     sample_id: str
@@ -32,6 +35,9 @@ class TeacherTopK:
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray
     tail_logmass: np.ndarray
+    sample_ids: np.ndarray | None = None
+    sample_counts: np.ndarray | None = None
+    sample_logprobs: np.ndarray | None = None
 
 
 @dataclass
@@ -45,3 +51,6 @@ class CacheSample:
     topk_logprobs: torch.Tensor  # float32 [R, k]
     target_logprobs: torch.Tensor  # float32 [R]
     tail_logmass: torch.Tensor  # float32 [R]
+    sample_ids: torch.Tensor | None = None  # int64 [R, m], a sampled-tail cache only
+    sample_counts: torch.Tensor | None = None  # int32 [R, m], 0 = padding
+    sample_logprobs: torch.Tensor | None = None  # float32 [R, m]

@@ -47,6 +47,19 @@ def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length:
     def stack(field: str, w: int) -> Tensor:
         return torch.cat([getattr(item[w], field)[keep] for item, keep in zip(items, keeps, strict=True)])
 
+    def stack_padded(field: str, w: int, fill: float) -> Tensor | None:
+        """Sampled-tail fields: rows of different samples hold different numbers of unique ids."""
+        parts = [getattr(item[w], field) for item in items]
+        if parts[0] is None:
+            return None
+        width = max(p.shape[1] for p in parts)
+        return torch.cat(
+            [
+                torch.nn.functional.pad(p[keep], (0, width - p.shape[1]), value=fill)
+                for p, keep in zip(parts, keeps, strict=True)
+            ]
+        )
+
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -57,15 +70,21 @@ def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length:
         "topk_logprobs": [stack("topk_logprobs", w) for w in range(num_teachers)],
         "tail_logmass": [stack("tail_logmass", w) for w in range(num_teachers)],
         "target_logprobs": [stack("target_logprobs", w) for w in range(num_teachers)],
+        "sample_ids": [stack_padded("sample_ids", w, 0) for w in range(num_teachers)],
+        "sample_counts": [stack_padded("sample_counts", w, 0) for w in range(num_teachers)],
+        "sample_logprobs": [stack_padded("sample_logprobs", w, float("-inf")) for w in range(num_teachers)],
     }
 
 
 def teacher_rows(batch: dict[str, Any], target_class: bool = False) -> list[TeacherRows]:
     """One TeacherRows per teacher; with `target_class`, the actual next token joins each teacher's classes."""
+    num = len(batch["topk_ids"])
+    fields = ("sample_ids", "sample_counts", "sample_logprobs")
+    samples = zip(*(batch.get(f, [None] * num) for f in fields), strict=True)
     rows = [
-        TeacherRows(ids, logprobs, tail)
-        for ids, logprobs, tail in zip(
-            batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], strict=True
+        TeacherRows(ids, logprobs, tail, *sampled)
+        for ids, logprobs, tail, sampled in zip(
+            batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"], samples, strict=True
         )
     ]
     if target_class:

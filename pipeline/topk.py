@@ -33,23 +33,31 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.tail_sampling import TailSamples, draw_tail
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TopKResult:
-    """Tensors for n rows: ids int32 [n, k], logprobs float32 [n, k], target/tail float32 [n]."""
+    """Tensors for n rows: ids int32 [n, k], logprobs float32 [n, k], target/tail float32 [n], and the
+    sampled tail (pipeline.tail_sampling) when draws were asked for."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     target_logprobs: torch.Tensor
     tail_logmass: torch.Tensor
+    samples: TailSamples | None = None
 
     @staticmethod
     def cat(parts: list[TopKResult]) -> TopKResult:
+        samples = None
+        if parts[0].samples is not None:
+            samples = TailSamples(
+                *(torch.cat([getattr(p.samples, f) for p in parts]) for f in ("ids", "counts", "logprobs"))
+            )
         return TopKResult(
-            *(torch.cat(tensors) for tensors in zip(*(p.astuple() for p in parts), strict=True))
+            *(torch.cat(tensors) for tensors in zip(*(p.astuple() for p in parts), strict=True)), samples
         )
 
     def astuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,9 +149,18 @@ def head_transforms(config: dict) -> dict:
 
 
 def topk_from_hidden(
-    hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, k: int, chunk_size: int, workers: int = 1
+    hidden: torch.Tensor,
+    head: OutputHead,
+    targets: torch.Tensor,
+    k: int,
+    chunk_size: int,
+    workers: int = 1,
+    uniforms: torch.Tensor | None = None,
 ) -> TopKResult:
     """Top-k of softmax(head(hidden)) for each row; hidden [n, H] holds the states at positions t-1.
+
+    With `uniforms` (float64 [n, U]), each row also draws U ids from its tail in the same pass over
+    the chunk's logits (pipeline.tail_sampling.draw_tail).
 
     The group statistics run torch.compile'd (one fused pass over each chunk's logits instead of ~5
     eager ones), on chunks padded to `chunk_size` rows so that one static shape compiles.
@@ -161,8 +178,11 @@ def topk_from_hidden(
         if real < chunk_size:
             rows = torch.cat([rows, rows.new_zeros(chunk_size - real, rows.shape[1])])
             row_targets = torch.cat([row_targets, row_targets.new_zeros(chunk_size - real)])
-        out = _select(head.logits(rows, groups), row_targets, k, groups, compiled=True)
-        return TopKResult(*(t[:real] for t in out))
+        logits = head.logits(rows, groups)
+        out = TopKResult(*(t[:real] for t in _select(logits, row_targets, k, groups, compiled=True)))
+        if uniforms is not None:
+            out.samples = draw_tail(logits[:real], out.ids, uniforms[start : start + real])
+        return out
 
     starts = list(range(0, hidden.shape[0], chunk_size))
     # Always in threads with one intra-op thread: torch.compile guards on the thread count.
@@ -172,20 +192,27 @@ def topk_from_hidden(
     return TopKResult.cat(parts) if len(parts) != 1 else parts[0]
 
 
-def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> TopKResult:
+def topk_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, k: int, uniforms: torch.Tensor | None = None
+) -> TopKResult:
     """The same for ready-made logits [n, V] (any float dtype), run eagerly (any shape, no compile)."""
     vocab = logits.shape[1]
     groups = num_groups(vocab, k)
     pad = -vocab % groups
     if pad:
         logits = torch.cat([logits, logits.new_full((logits.shape[0], pad), float("-inf"))], dim=1)
-    return TopKResult(*_select(logits, targets, k, groups, compiled=False))
+    out = TopKResult(*_select(logits, targets, k, groups, compiled=False))
+    if uniforms is not None:
+        out.samples = draw_tail(logits, out.ids, uniforms)
+    return out
 
 
 def num_groups(vocab: int, k: int) -> int:
-    """G: a power of two near sqrt(k V), at least k (k groups are chosen) and at most V."""
+    """G: a power of two near sqrt(k V), at least k (k groups are chosen) and at most V; 1 for k = 0."""
     if k > vocab:
         raise UserError(f"top_logits_num {k} is larger than the vocabulary ({vocab}).")
+    if k == 0:
+        return 1
     return min(max(k, 2 ** round(math.log2(math.sqrt(k * vocab)))), vocab)
 
 
@@ -198,6 +225,11 @@ def _select(
     """
     run = _run_compiled if compiled else _run_eager
     n = logits.shape[0]
+    if k == 0:  # a purely sampled cache: no head, the whole mass is the tail
+        log_z = torch.logsumexp(logits.float(), dim=1)
+        target = logits.gather(1, targets.view(-1, 1).long())[:, 0].float() - log_z
+        empty = logits.new_zeros((n, 0))
+        return empty.to(torch.int32), empty.float(), target, torch.zeros_like(target)
     rows_per_group = logits.shape[1] // groups
     group_max, group_sum = run(_group_stats, logits, groups)
     chosen = _top_indices(group_max, k, descending=False)  # [n, k] group indices

@@ -36,7 +36,12 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-FORMAT_VERSION = 1
+# Format 1: top-k caches (unchanged since the first release); format 2: caches with a sampled tail,
+# whose shards add the `tail_samples` column. Readers take both.
+TOPK_FORMAT_VERSION = 1
+SAMPLED_FORMAT_VERSION = 2
+FORMAT_VERSION = TOPK_FORMAT_VERSION
+READABLE_FORMAT_VERSIONS = (TOPK_FORMAT_VERSION, SAMPLED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 QUARANTINE_DIR = "quarantine"
@@ -101,6 +106,18 @@ class Manifest:
     @property
     def k(self) -> int:
         return int(self.identity["k"])
+
+    @property
+    def tail_draws(self) -> int:
+        """U, the ids drawn per position from the teacher's tail; 0 for a top-k cache."""
+        return int((self.identity.get("tail_samples") or {}).get("draws", 0))
+
+    @property
+    def kind(self) -> str:
+        """"top-k", "hybrid" (exact top-k + sampled tail) or "sampled" (k = 0)."""
+        if not self.tail_draws:
+            return "top-k"
+        return "hybrid" if self.k else "sampled"
 
     @property
     def num_samples(self) -> int:

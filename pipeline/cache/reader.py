@@ -33,8 +33,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.cache import tail_codec
 from pipeline.cache.codec import TopKCodec, read_id_table
-from pipeline.cache.manifest import FORMAT_VERSION, Manifest, ShardEntry, identity_diff, load_manifest
+from pipeline.cache.manifest import (
+    READABLE_FORMAT_VERSIONS,
+    Manifest,
+    ShardEntry,
+    identity_diff,
+    load_manifest,
+)
 from pipeline.cache.writer import CODED_COLUMNS, file_sha256
 from pipeline.errors import UserError
 from pipeline.records import CacheSample
@@ -85,10 +92,10 @@ class LogitCacheReader:
         self.cache_dir = Path(cache_dir)
         self.verify = verify
         self.manifest: Manifest = load_manifest(self.cache_dir)
-        if self.manifest.format_version != FORMAT_VERSION:
+        if self.manifest.format_version not in READABLE_FORMAT_VERSIONS:
             raise UserError(
                 f"cache {self.cache_dir}: format_version {self.manifest.format_version}, this build reads "
-                f"{FORMAT_VERSION}; regenerate the cache with this version"
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}; regenerate the cache with this version"
             )
         self._check_expect(expect or {})
         if not allow_incomplete and not self.manifest.is_complete:
@@ -104,6 +111,8 @@ class LogitCacheReader:
         except (KeyError, ValueError) as exc:
             raise UserError(f"cache {self.cache_dir}: {exc}") from None
         self.k = self.manifest.k
+        self.tail_draws = self.manifest.tail_draws
+        self._coded_columns = CODED_COLUMNS + ((tail_codec.COLUMN,) if self.tail_draws else ())
         self._verified: set[str] = set()
         self._index: dict[str, tuple[str, int, int]] | None = None
         self._row_groups: OrderedDict[tuple[str, int], list[_Row]] = OrderedDict()
@@ -190,7 +199,7 @@ class LogitCacheReader:
         if take is not None:
             group = group.take(take)
         ids = [_offsets_values(group[name]) for name in ("input_ids", "positions")]
-        coded = {name: group[name].to_pylist() for name in CODED_COLUMNS}
+        coded = {name: group[name].to_pylist() for name in self._coded_columns}
         return [
             _Row(
                 shard.file,
@@ -200,7 +209,7 @@ class LogitCacheReader:
                     np.int64
                 ),  # astype copies: rows own their data
                 ids[1][1][ids[1][0][i] : ids[1][0][i + 1]].astype(np.int64),
-                {name: coded[name][i] for name in CODED_COLUMNS},
+                {name: coded[name][i] for name in self._coded_columns},
                 table,
             )
             for i, (sample_id, n) in enumerate(
@@ -231,7 +240,12 @@ class LogitCacheReader:
     def _decode(self, row: _Row) -> CacheSample:
         try:
             ids, lps, target, tail = self.codec.decode(row.coded, row.num_positions, self.k, row.id_table)
-        except ValueError as exc:
+            samples = None
+            if self.tail_draws:
+                samples = tail_codec.decode_tail_samples(
+                    self.codec, row.coded[tail_codec.COLUMN], row.num_positions, tail, row.id_table
+                )
+        except (ValueError, KeyError) as exc:
             raise UserError(
                 f"shard {self.cache_dir / row.shard}: sample {row.sample_id} cannot be decoded: {exc}"
             ) from None
@@ -243,6 +257,7 @@ class LogitCacheReader:
             torch.from_numpy(lps),
             torch.from_numpy(target),
             torch.from_numpy(tail),
+            *([] if samples is None else [torch.from_numpy(a) for a in samples]),
         )
 
     def _epoch_rows(

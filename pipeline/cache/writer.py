@@ -10,6 +10,8 @@ Shard schema (one row per sample; see `pipeline.cache.codec` for the coded colum
     topk_logprobs    binary         TopKCodec: log-probs [R, k], quantized, descending per row
     target_logprobs  binary         TopKCodec: log p(x_t | x_<t) [R]
     tail_logmass     binary         TopKCodec: log of the mass outside the top-k [R] (-inf if none)
+    tail_samples     binary         sampled-tail caches only (identity "tail_samples" > 0): the unique ids
+                                    drawn from the tail, their counts and log-probs (see tail_codec)
 
 Parquet key-value metadata: ``topk_id_table`` (the shard's id table, see codec), ``cache_identity``
 (sha256 of the cache identity JSON) and ``writer_id``. The coded columns are stored uncompressed by
@@ -41,10 +43,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cache import tail_codec
 from pipeline.cache.codec import TopKCodec, build_id_table, id_table_metadata
 from pipeline.cache.manifest import (
-    FORMAT_VERSION,
     QUARANTINE_DIR,
+    SAMPLED_FORMAT_VERSION,
+    TOPK_FORMAT_VERSION,
     WRITER_ID,
     PartState,
     ShardEntry,
@@ -75,8 +79,12 @@ SCHEMA = pa.schema(
     ]
 )
 CODED_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprobs", "tail_logmass")
+# A sampled-tail cache's shards carry one more coded column; top-k caches keep the original schema.
+SAMPLED_SCHEMA = SCHEMA.append(pa.field(tail_codec.COLUMN, pa.binary()))
 IDENTITY_KEY = b"cache_identity"
-_COMPRESSION = {name: ("none" if name in CODED_COLUMNS else "zstd") for name in SCHEMA.names}
+_COMPRESSION = {
+    name: ("none" if name in (*CODED_COLUMNS, tail_codec.COLUMN) else "zstd") for name in SAMPLED_SCHEMA.names
+}
 _STOP = object()
 
 
@@ -120,14 +128,21 @@ class LogitCacheWriter:
         self.rows_per_shard = rows_per_shard
         self.rows_per_row_group = min(rows_per_row_group, rows_per_shard)
         self.codec = codec or TopKCodec()
+        # identity["tail_samples"] = {"draws": U, "seed": s} marks a sampled-tail cache (format 2).
+        draws = (identity.get("tail_samples") or {}).get("draws", 0)
+        version = SAMPLED_FORMAT_VERSION if draws else TOPK_FORMAT_VERSION
         try:
-            full = {**identity, "format_version": FORMAT_VERSION, "codec": self.codec.params()}
+            full = {**identity, "format_version": version, "codec": self.codec.params()}
             self.identity: dict[str, Any] = json.loads(json.dumps(full))
         except TypeError as exc:
             raise ValueError(f"identity must be JSON-serializable: {exc}") from None
-        if not isinstance(self.identity.get("k"), int) or self.identity["k"] < 1:
-            raise ValueError(f"identity['k'] must be an int >= 1, got {self.identity.get('k')!r}")
+        if not isinstance(self.identity.get("k"), int) or self.identity["k"] < (0 if draws else 1):
+            raise ValueError(
+                f"identity['k'] must be an int >= 1 (>= 0 with tail samples), got {self.identity.get('k')!r}"
+            )
         self.k = self.identity["k"]
+        self.tail_draws = int(draws)
+        self.schema = SAMPLED_SCHEMA if draws else SCHEMA
         self._identity_hash = identity_hash(self.identity)
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +236,8 @@ class LogitCacheWriter:
             )
         if np.ndim(r.input_ids) != 1:
             raise ValueError(f"sample {r.sample_id}: input_ids must be 1-D")
+        if self.tail_draws and (r.sample_ids is None or np.shape(r.sample_ids)[0] != rows):
+            raise ValueError(f"sample {r.sample_id}: a sampled-tail cache needs [R={rows}, m] tail samples")
         positions = np.asarray(r.positions)
         if rows and (
             positions[0] < 1 or positions[-1] >= len(r.input_ids) or (np.diff(positions) <= 0).any()
@@ -273,7 +290,9 @@ class LogitCacheWriter:
         rows, self._pending = self._pending, []
         if self._shard is None:
             # The shard's id table comes from its first row group (later ids outside it are escaped).
-            self._id_table = build_id_table([r.topk_ids for r in rows])
+            self._id_table = build_id_table(
+                [r.topk_ids for r in rows] + ([r.sample_ids for r in rows] if self.tail_draws else [])
+            )
             metadata = {
                 **id_table_metadata(self._id_table),
                 IDENTITY_KEY: self._identity_hash.encode(),
@@ -281,7 +300,7 @@ class LogitCacheWriter:
             }
             self._shard = pq.ParquetWriter(
                 self._tmp_path(self._next_seq),
-                SCHEMA.with_metadata(metadata),
+                self.schema.with_metadata(metadata),
                 compression=_COMPRESSION,
                 use_dictionary=False,
                 write_statistics=False,
@@ -297,6 +316,16 @@ class LogitCacheWriter:
             "positions": _list_array([r.positions for r in rows]),
         }
         columns.update({name: pa.array([c[name] for c in coded], pa.binary()) for name in CODED_COLUMNS})
+        if self.tail_draws:
+            columns[tail_codec.COLUMN] = pa.array(
+                [
+                    tail_codec.encode_tail_samples(
+                        self.codec, r.sample_ids, r.sample_counts, r.sample_logprobs, r.tail_logmass, self._id_table
+                    )
+                    for r in rows
+                ],
+                pa.binary(),
+            )
         self._shard.write_table(pa.table(columns, schema=self._shard.schema), row_group_size=len(rows))
         self._shard_stats[0] += len(rows)
         self._shard_stats[1] += sum(len(r.input_ids) for r in rows)

@@ -22,6 +22,7 @@ from pipeline.config import Config
 from pipeline.data import TokenizedSample
 from pipeline.errors import UserError
 from pipeline.records import TeacherTopK
+from pipeline.tail_sampling import tail_uniforms
 from pipeline.topk import OutputHead, topk_from_hidden
 
 ENGINES = ("vllm", "hf")
@@ -99,8 +100,11 @@ def records_from_hidden(
     head: OutputHead,
     k: int,
     chunk_size: int,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> list[TeacherTopK]:
-    """Top-k records for a batch from each sample's final hidden states [L, H] (after the final norm).
+    """Top-k records for a batch from each sample's final hidden states [L, H] (after the final norm),
+    with `tail_samples` ids drawn per row from the tail (keyed by `seed` and the sample id).
 
     Only rows t-1 for response positions t go through the head, and the rows of the whole batch are
     processed together so that short responses still fill the head's chunks. On CPU the chunks run
@@ -111,8 +115,16 @@ def records_from_hidden(
     rows = torch.cat([h[p - 1] for h, p in zip(hidden_states, positions, strict=True)]).to(device)
     targets = torch.cat([torch.as_tensor(s.input_ids)[p] for s, p in zip(batch, positions, strict=True)])
     workers = torch.get_num_threads() if device.type == "cpu" else 1
-    result = topk_from_hidden(rows, head, targets, k, chunk_size, workers)
+    uniforms = None
+    if tail_samples:
+        uniforms = torch.from_numpy(
+            np.concatenate([tail_uniforms(seed, s.sample_id, len(s.positions), tail_samples) for s in batch])
+        )
+    result = topk_from_hidden(rows, head, targets, k, chunk_size, workers, uniforms)
     columns = [t.cpu().numpy() for t in result.astuple()]
+    if result.samples is not None:
+        columns += [result.samples.ids.cpu().numpy().astype(np.int32), result.samples.counts.cpu().numpy(),
+                    result.samples.logprobs.cpu().numpy()]
     bounds = np.cumsum([0] + [len(p) for p in positions])
     return [
         TeacherTopK(
@@ -123,6 +135,11 @@ def records_from_hidden(
             topk_logprobs=columns[1][start:end],
             target_logprobs=columns[2][start:end],
             tail_logmass=columns[3][start:end],
+            **(
+                {"sample_ids": columns[4][start:end], "sample_counts": columns[5][start:end],
+                 "sample_logprobs": columns[6][start:end]}
+                if len(columns) > 4 else {}
+            ),
         )
         for s, start, end in zip(batch, bounds[:-1], bounds[1:], strict=True)
     ]

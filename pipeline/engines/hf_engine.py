@@ -51,7 +51,8 @@ class HfEngine(TeacherEngine):
                 for s in batch
             ]
             yield records_from_hidden(
-                batch, hidden, self.head, self.inference.top_logits_num, self.inference.chunk_size
+                batch, hidden, self.head, self.inference.top_logits_num, self.inference.chunk_size,
+                self.inference.tail_samples, self.inference.seed,
             )
 
     @torch.inference_mode()

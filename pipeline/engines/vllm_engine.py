@@ -76,7 +76,10 @@ class VllmEngine(TeacherEngine):
 
     def score(self, batches: Iterable[Sequence[TokenizedSample]]) -> Iterator[list[TeacherTopK]]:
         for batch in batches:
-            yield records_from_hidden(batch, self.hidden_states(batch), self.head, self.k, self.chunk_size)
+            yield records_from_hidden(
+                batch, self.hidden_states(batch), self.head, self.k, self.chunk_size,
+                self.inference.tail_samples, self.inference.seed,
+            )
 
     def hidden_states(self, batch: Sequence[TokenizedSample]) -> list[torch.Tensor]:
         """Final (normed) hidden states [L, H] of every token of each sample, in the model dtype."""
