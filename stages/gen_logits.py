@@ -64,6 +64,7 @@ def run(config: Config, *, part: int = 0, num_parts: int = 1, overwrite: bool = 
         # The first teacher's tokenizer made every cache's token ids; its path lets readers compare vocabularies.
         "tokenizer": {**fingerprint, "path": str(teachers[0])},
         "k": inference.top_logits_num,
+        **_tail_identity(config),
         "dataset": dataset_identity(config, inference.mode, tokenizer),
         "mode": inference.mode,
         "sampling": _sampling_identity(config),
@@ -142,6 +143,11 @@ def _checked_tokenizer(config: Config) -> Any:
         student = load_tokenizer(config.models.student, "student")
         check_same_vocab(reference, str(teachers[0]), student, str(config.models.student))
     k, vocab = config.inference.top_logits_num, len(reference)
+    if k >= vocab and config.inference.tail_samples:
+        raise UserError(
+            f"`inference.top_logits_num` {k} covers the teacher's whole vocabulary ({vocab} tokens): there is "
+            "no tail to sample; set `inference.tail_samples` to 0."
+        )
     if k > vocab:
         raise UserError(
             f"`inference.top_logits_num` {k} is larger than the teacher's vocabulary ({vocab} tokens)."
@@ -157,6 +163,14 @@ def _teacher_identity(config: Config, teacher: Path) -> dict[str, Any]:
         "engine_version": engine_version(engine),
         "engine_dtype": config.inference.dtype,
     }
+
+
+def _tail_identity(config: Config) -> dict[str, Any]:
+    """A sampled-tail cache records its draws and their seed; a top-k cache's identity is unchanged."""
+    inference = config.inference
+    if not inference.tail_samples:
+        return {}
+    return {"tail_samples": {"draws": inference.tail_samples, "seed": inference.seed}}
 
 
 def _sampling_identity(config: Config) -> dict[str, Any]:

@@ -25,6 +25,8 @@ def summarize(cache_dir: Path) -> dict[str, Any]:
         "tokens": m.num_tokens,
         "response_tokens": m.num_response_tokens,
         "k": m.k,
+        "kind": m.kind,
+        "tail_samples": m.identity.get("tail_samples"),
         "bytes": m.num_bytes,
         "bytes_per_token": m.num_bytes / m.num_tokens if m.num_tokens else None,
         "bytes_per_response_token": m.num_bytes / m.num_response_tokens if m.num_response_tokens else None,
@@ -53,7 +55,7 @@ def teacher_coverage(cache_dir: Path, samples: int) -> dict[str, Any] | None:
     it back from its cached log-prob.
     """
     reader = LogitCacheReader(cache_dir, allow_incomplete=True)
-    tail, inside, target = [], [], []
+    tail, inside, target, unique = [], [], [], []
     for i, row in enumerate(reader.iter_samples(shuffle=False, seed=0)):
         if i >= samples:
             break
@@ -61,10 +63,14 @@ def teacher_coverage(cache_dir: Path, samples: int) -> dict[str, Any] | None:
         tail.append(np.exp(row.tail_logmass.double().numpy()))
         inside.append((row.topk_ids == targets[:, None]).any(1).numpy())
         target.append(row.target_logprobs.double().numpy())
+        if row.sample_counts is not None:
+            unique.append((row.sample_counts > 0).sum(1).numpy())
     if not tail or not sum(len(t) for t in tail):
         return None
     tail_mass, in_topk, target_lp = (np.concatenate(x) for x in (tail, inside, target))
+    sampled = {"unique_sampled_ids_per_position": float(np.concatenate(unique).mean())} if unique else {}
     return {
+        **sampled,
         "samples": min(samples, reader.num_samples),
         "response_tokens": int(tail_mass.size),
         "mass_outside_topk_mean": float(tail_mass.mean()),
@@ -89,7 +95,9 @@ def _text(info: dict[str, Any]) -> str:
         f"{'complete' if info['complete'] else 'INCOMPLETE'})",
         f"samples          {info['samples']:,}",
         f"tokens           {info['tokens']:,} ({info['response_tokens']:,} response tokens)",
-        f"k                {info['k']}",
+        f"kind             {info['kind']}: exact top-{info['k']}"
+        + (f" + {info['tail_samples']['draws']} ids drawn from the tail per position (seed "
+           f"{info['tail_samples']['seed']})" if info["tail_samples"] else ""),
         f"size             {info['bytes']:,} bytes in {info['shards']} shards: "
         f"{_fmt(info['bytes_per_token'])} B/token, "
         f"{_fmt(info['bytes_per_response_token'])} B/response token, "
@@ -112,6 +120,11 @@ def _text(info: dict[str, Any]) -> str:
             f"actual token in the top-{info['k']} {100 * cov['target_in_topk']:.1f}%; "
             f"teacher NLL {cov['teacher_nll']:.3f} nats/token"
         )
+        if "unique_sampled_ids_per_position" in cov:
+            lines.append(
+                f"tail samples     {cov['unique_sampled_ids_per_position']:.2f} unique sampled ids per position "
+                "(they carry the tail's mass unbiasedly: the loss uses r * count / draws)"
+            )
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
 from pipeline.lora import wrap_student
-from pipeline.losses import KDLossSpec
+from pipeline.losses import KDLossSpec, check_tail_settings
 from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer
 from pipeline.student import collate
 
@@ -42,6 +42,11 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
     student_path, output_dir = _check_config(config)
     tokenizer = load_tokenizer(student_path, role="student")
     readers = open_caches(config, tokenizer)
+    loss_spec = KDLossSpec.from_config(config.distillation, len(readers))
+    try:  # before the model loads: a sampled cache with a loss it cannot serve fails at once
+        check_tail_settings(loss_spec, [(r.manifest.kind, r.k) for r in readers])
+    except ValueError as exc:
+        raise UserError(f"`distillation` settings: {exc}") from None
     checkpoint = _checkpoint(output_dir, resume, get_last_checkpoint)
 
     training = dict(config.training)
@@ -71,7 +76,7 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
         model=model,
         args=args,
         processing_class=tokenizer,
-        loss_spec=KDLossSpec.from_config(config.distillation, len(readers)),
+        loss_spec=loss_spec,
         chunk_size=config.distillation.chunk_size,
         stream=stream,
         callbacks=[JsonlLogger(output_dir / LOG_FILE)],

@@ -16,7 +16,7 @@ def test_text_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     for expected in (
         "samples          12",
-        "k                8",
+        "kind             top-k: exact top-8",
         "in 3 shards",
         "B/response token",
         "path=/models/t",

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.tail_codec import decode_tail_samples, encode_tail_samples
 from pipeline.cache.codec import TopKCodec
+from pipeline.cache.tail_codec import decode_tail_samples, encode_tail_samples
 from pipeline.losses import KDLossSpec, TeacherRows, check_tail_settings, chunk_loss_and_grad
 from pipeline.tail_sampling import draw_tail, tail_uniforms
 from pipeline.topk import topk_from_logits

@@ -158,7 +158,8 @@ class TopKCodec:
         # The target token is usually one of the top-k: point at the first entry with its code.
         target = self.quantize(target_logprobs)
         match = codes == target[:, None]
-        where = np.where(match.any(axis=1), match.argmax(axis=1), codes.shape[1])
+        first = match.argmax(axis=1) if codes.shape[1] else np.zeros(rows, np.int64)  # k = 0: none match
+        where = np.where(match.any(axis=1), first, codes.shape[1])
         # The tail sits near the last entry's log-prob: store the zigzag difference.
         tail = self.quantize(tail_logmass) - (codes[:, -1] if codes.shape[1] else 0)
         return {
@@ -222,10 +223,9 @@ def decode_row(
     `k` and `codec_params` are the manifest's "k" and "codec"; `id_table` is the shard's:
     `read_id_table(pyarrow.parquet.ParquetFile(path).schema_arrow.metadata)`.
     """
-    ids, lps, target, tail = TopKCodec.from_params(codec_params).decode(
-        row, row["num_positions"], k, id_table
-    )
-    return {
+    codec = TopKCodec.from_params(codec_params)
+    ids, lps, target, tail = codec.decode(row, row["num_positions"], k, id_table)
+    out = {
         "sample_id": row["sample_id"],
         "input_ids": np.asarray(row["input_ids"], dtype=np.int64),
         "positions": np.asarray(row["positions"], dtype=np.int64),
@@ -234,6 +234,13 @@ def decode_row(
         "target_logprobs": target,
         "tail_logmass": tail,
     }
+    if row.get("tail_samples") is not None:  # a sampled-tail cache (format 2)
+        from pipeline.cache.tail_codec import decode_tail_samples
+
+        names = ("sample_ids", "sample_counts", "sample_logprobs")
+        out.update(zip(names, decode_tail_samples(codec, row["tail_samples"], row["num_positions"], tail, id_table),
+                       strict=True))
+    return out
 
 
 ID_TABLE_KEY = b"topk_id_table"
