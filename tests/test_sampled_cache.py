@@ -33,7 +33,9 @@ def check_samples_against_teacher(rows, teacher_dir: Path, k: int, draws: int) -
         logp = torch.log_softmax(logits.double(), dim=1)
         if k:
             torch.testing.assert_close(row.topk_logprobs.double(), logp.topk(k, dim=1).values, atol=CODEC_TOL, rtol=0)
-        tail = logp.scatter(1, row.topk_ids, float("-inf")).logsumexp(dim=1) if k else torch.zeros(len(logp), dtype=torch.float64)
+        tail = torch.zeros(len(logp), dtype=torch.float64)  # k = 0: the whole mass is the tail
+        if k:
+            tail = logp.scatter(1, row.topk_ids, float("-inf")).logsumexp(dim=1)
         torch.testing.assert_close(row.tail_logmass.double(), tail, atol=CODEC_TOL, rtol=0)
         real = row.sample_counts > 0
         assert (row.sample_counts.sum(1) == draws).all()
