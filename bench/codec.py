@@ -6,7 +6,8 @@ k: bytes per top-k entry (ids + log-probs + target + tail, stream headers includ
 mean KL(original top-k+tail || decoded) per position in float64 (T=1, and T=2 for reference), max
 |log-prob error|, and encode/decode speed per core (thread CPU time; decode ends in torch tensors).
 References: int32 ids + float32 log-probs (8 B/entry), and EasyDistill's JSON list of {id: prob}
-dicts per position (measured).
+dicts per position (measured). Sampled-tail layouts (`inference.tail_samples`: k exact + U ids drawn
+from the tail, stored as unique ids, counts and log-probs) are reported per position beside top-k.
 
     python bench/codec.py                      # toy bench teacher, 24 windows of 256 tokens
     python bench/codec.py --teacher DIR        # any local causal LM directory
@@ -24,8 +25,11 @@ import numpy as np
 import torch
 
 from pipeline.cache.codec import TopKCodec, build_id_table
+from pipeline.cache.tail_codec import decode_tail_samples, encode_tail_samples
+from pipeline.tail_sampling import draw_tail, tail_uniforms
 
 KS = (8, 20, 64, 128)
+SAMPLED = ((0, 12), (0, 32), (8, 24), (16, 48))  # (k, U) layouts of sampled-tail caches
 GOAL_K, GOAL_BYTES, GOAL_KL, GOAL_DECODE = 64, 1.2, 1e-4, 500_000
 ROWS_PER_TABLE = 32  # the writer builds a shard's id table from its first row group (32 samples)
 
@@ -42,18 +46,23 @@ def teacher_topk(teacher_dir: Path, windows: int, seq_len: int, k_max: int) -> d
     if len(stream) < windows * seq_len:
         raise SystemExit(f"held-out text has {len(stream)} tokens, need {windows * seq_len}")
     stride = len(stream) // windows  # windows spread over the whole held-out split
-    out: dict[str, list[np.ndarray]] = {"ids": [], "lps": [], "target": [], "tails": []}
+    out: dict[str, list] = {"ids": [], "lps": [], "target": [], "tails": [], "samples": []}
     with torch.no_grad():
         for w in range(windows):
             x = torch.tensor(stream[w * stride : w * stride + seq_len])[None]
             logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)  # row t-1 predicts x_t
             srt, idx = logp.sort(-1, descending=True)
+            out["samples"].append({
+                (k, u): draw_tail(logp, idx[:, :k], torch.from_numpy(tail_uniforms(0, str(w), len(logp), u)))
+                for k, u in SAMPLED
+            })
             tails = torch.logcumsumexp(srt.flip(-1), -1).flip(-1)  # tails[:, j] = log sum_{i >= j} p_(i)
             out["ids"].append(idx[:, :k_max].int().numpy())
             out["lps"].append(srt[:, :k_max].numpy())
             out["target"].append(logp.gather(1, x[0, 1:, None])[:, 0].numpy())
             out["tails"].append(tails[:, 1 : k_max + 1].numpy())
-    return {key: np.stack(v) for key, v in out.items()}
+    samples = out.pop("samples")
+    return {**{key: np.stack(v) for key, v in out.items()}, "samples": samples}
 
 
 def kl_per_position(lps, tail, d_lps, d_tail, temperature: float = 1.0) -> np.ndarray:
@@ -127,6 +136,51 @@ def measure(data: dict[str, np.ndarray], k: int, codec: TopKCodec) -> dict[str, 
     }
 
 
+def measure_sampled(data: dict, k: int, draws: int, codec: TopKCodec) -> dict[str, float]:
+    """Bytes per position of a sampled-tail layout (top-k columns + the tail_samples column)."""
+    windows, rows = data["ids"].shape[:2]
+    ids, lps, target = data["ids"][:, :, :k], data["lps"][:, :, :k], data["target"]
+    tail = data["tails"][:, :, k - 1] if k else np.zeros((windows, rows), np.float32)
+    samples = [data["samples"][i][(k, draws)] for i in range(windows)]
+    table = build_id_table(
+        [ids[i] for i in range(min(windows, ROWS_PER_TABLE))]
+        + [samples[i].ids.numpy() for i in range(min(windows, ROWS_PER_TABLE))]
+    )
+    coded = [
+        {**codec.encode(ids[i], lps[i], target[i], tail[i], table),
+         "tail_samples": encode_tail_samples(codec, samples[i].ids.numpy(), samples[i].counts.numpy(),
+                                             samples[i].logprobs.numpy(), tail[i], table)}
+        for i in range(windows)
+    ]
+
+    def decode_all():
+        out = []
+        for c in coded:
+            d_ids, d_lps, d_target, d_tail = codec.decode(c, rows, k, table)
+            out.append(decode_tail_samples(codec, c["tail_samples"], rows, d_tail, table))
+        return out
+
+    decode_s = cpu_seconds(decode_all)
+    for i, (d_ids, d_counts, _) in enumerate(decode_all()):
+        real = samples[i].counts.numpy() > 0
+        if sorted(zip(samples[i].ids.numpy()[real].tolist(), samples[i].counts.numpy()[real].tolist(), strict=True)) \
+                != sorted(zip(d_ids[d_counts > 0].tolist(), d_counts[d_counts > 0].tolist(), strict=True)):
+            raise AssertionError("sampled ids or counts changed in the round trip")
+    positions = windows * rows
+    unique = np.mean([(s.counts > 0).sum(1).double().mean().item() for s in samples])
+    sample_bytes = sum(len(c["tail_samples"]) for c in coded)
+    total = sum(len(v) for c in coded for v in c.values())
+    return {
+        "k": k,
+        "draws": draws,
+        "unique_per_position": float(unique),
+        "bytes_per_position": total / positions,
+        "sample_bytes_per_position": sample_bytes / positions,
+        "bytes_per_unique_sample": sample_bytes / positions / unique,
+        "decode_tokens_per_s": positions / decode_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['decode_tokens_per_s']:>10,.0f} {r['raw_int32_float32_bytes_per_entry']:>9.1f} "
             f"{r['easydistill_json_bytes_per_entry']:>11.1f}"
         )
+    sampled = [measure_sampled(data, k, u, codec) for k, u in SAMPLED]
+    print("\nsampled-tail layouts (k exact + U tail draws; ids and counts lossless, log-probs on the same grid)")
+    print(f"{'layout':>12} {'unique/pos':>10} {'B/position':>10} {'tail B/pos':>10} {'B/unique':>8} {'dec tok/s':>10}")
+    for r in sampled:
+        print(
+            f"{'k=' + str(r['k']) + ' U=' + str(r['draws']):>12} {r['unique_per_position']:>10.1f} "
+            f"{r['bytes_per_position']:>10.1f} {r['sample_bytes_per_position']:>10.1f} "
+            f"{r['bytes_per_unique_sample']:>8.2f} {r['decode_tokens_per_s']:>10,.0f}"
+        )
+    print("top-k B/position for comparison: " + ", ".join(f"k={r['k']}: {r['bytes_per_token']:.1f}" for r in results))
     goal = next(r for r in results if r["k"] == GOAL_K)
     verdicts = [
         (f"k={GOAL_K}: <= {GOAL_BYTES} bytes per top-k entry", goal["bytes_per_entry"] <= GOAL_BYTES),
@@ -188,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"goal {text}: {'PASS' if ok else 'FAIL'}")
     if args.json:
         args.json.write_text(
-            json.dumps({"teacher": str(teacher_dir), "codec": codec.params(), "results": results}, indent=2)
+            json.dumps({"teacher": str(teacher_dir), "codec": codec.params(), "results": results,
+                        "sampled": sampled}, indent=2)
         )
     return 0 if all(ok for _, ok in verdicts) else 1
 
