@@ -121,7 +121,8 @@ def test_vllm_engine_sampled_cache_matches_the_reference_and_trains(
             "distillation": {"kd_ratio": 0.9, **distillation},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "training": {"output_dir": str(tmp_path / name), "per_device_train_batch_size": 4, "max_steps": 4,
-                         "logging_steps": 1, "learning_rate": 1e-3, "report_to": "none", "use_cpu": True, "disable_tqdm": True},
+                         "logging_steps": 1, "learning_rate": 1e-3, "report_to": "none", "use_cpu": True,
+                         "disable_tqdm": True},
         }
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(raw))
