@@ -180,7 +180,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # float32 whatever the hidden dtype: these are the unscaled gradients, whose entries (about
+        # w_ce * q_j) lie below float16's range; backward's grad_loss carries a GradScaler's factor.
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         ce_total = hidden.new_zeros((), dtype=torch.float32)
@@ -208,7 +210,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             ce_total += ce
             kd_total += kd
             if grad_hidden is not None:
-                grad_hidden.narrow(0, start, rows).copy_(dz.to(mm_dtype) @ w)
+                grad_hidden.narrow(0, start, rows).copy_(_matmul_scaled(dz, w))
             if grad_weight is not None:
                 grad_weight.addmm_(dz.t(), h.float())
             if grad_bias is not None:
@@ -228,3 +230,14 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _matmul_scaled(dz: Tensor, w: Tensor) -> Tensor:
+    """float32 dz @ w with the matmul in w's dtype: in float16, dz's entries (a loss weight of 1 / tokens
+    times q_j) would flush to zero, so each row is scaled by a power of two to a maximum in [1, 2) first
+    (exact) and scaled back after, in float32."""
+    if w.dtype == torch.float32:
+        return dz @ w
+    row_max = dz.abs().amax(1, keepdim=True)
+    scale = torch.exp2(torch.floor(torch.log2(row_max))).masked_fill_(row_max == 0, 1.0)
+    return ((dz / scale).to(w.dtype) @ w).float().mul_(scale)

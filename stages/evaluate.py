@@ -2,7 +2,10 @@
 
 Per response token, at temperature 1:
 - teacher KL: forward KL(teacher || student) over the teacher's top-k plus the tail bucket (the mass
-  outside the top-k as one class on both sides), exactly the quantity `forward_kld` + `bucket` trains;
+  outside the top-k as one class on both sides), exactly the quantity `forward_kld` + `bucket` trains.
+  It is a LOWER BOUND of the full-vocabulary KL (merging classes never raises a KL), loose where the
+  teacher leaves much mass outside its top-k, so the teacher's mean tail mass is reported beside it;
+  ids beyond the student's vocabulary are no class (as in training: their student mass is in the tail);
 - top-1 agreement: the student's argmax equals the teacher's most likely token;
 - cross-entropy (and perplexity) of the actual response tokens.
 Means are over all response tokens of the scored samples. Streams the cache; batches; progress bar.
@@ -24,7 +27,7 @@ from pipeline.cache import LogitCacheReader
 from pipeline.errors import UserError, require
 from pipeline.losses import divergence, teacher_class_logprobs
 from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer
-from pipeline.student import collate, output_head, response_hidden_states
+from pipeline.student import accepts_logits_to_keep, collate, output_head, response_hidden_states
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 1024  # response positions per output-head chunk: bounds the [chunk, vocab] logits
@@ -46,7 +49,7 @@ def run(
     total = reader.num_samples if limit is None else min(limit, reader.num_samples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    sums = {"kl": 0.0, "top1": 0.0, "ce": 0.0, "teacher_ce": 0.0, "tokens": 0, "samples": 0}
+    sums = {"kl": 0.0, "top1": 0.0, "ce": 0.0, "teacher_ce": 0.0, "tail": 0.0, "tokens": 0, "samples": 0}
     start = time.perf_counter()
     samples = reader.iter_samples(shuffle=False, seed=0)
     with torch.inference_mode(), tqdm(total=total, desc="eval", unit="sample", disable=as_json) as bar:
@@ -72,7 +75,9 @@ def run(
         "cache": str(cache_dir),
         "samples": sums["samples"],
         "response_tokens": n,
-        "kl": sums["kl"] / n,
+        "kl": sums["kl"] / n,  # top-k + tail bucket: a lower bound of the full-vocabulary KL
+        "kl_is_lower_bound": True,
+        "teacher_tail_mass": sums["tail"] / n,
         "top1_agreement": sums["top1"] / n,
         "cross_entropy": sums["ce"] / n,
         "perplexity": math.exp(sums["ce"] / n),
@@ -83,7 +88,9 @@ def run(
         print(json.dumps(metrics, indent=2))
     else:
         print(
-            f"{metrics['samples']} samples, {n} response tokens: teacher KL {metrics['kl']:.4f} nats/token, "
+            f"{metrics['samples']} samples, {n} response tokens: teacher KL {metrics['kl']:.4f} nats/token "
+            f"(top-{reader.k} + tail bucket: a lower bound of the full-vocabulary KL; the teacher leaves "
+            f"{metrics['teacher_tail_mass']:.1%} of its mass outside its top-{reader.k}), "
             f"top-1 agreement {metrics['top1_agreement']:.3f}, cross-entropy {metrics['cross_entropy']:.4f} "
             f"(perplexity {metrics['perplexity']:.2f}; teacher's own {metrics['teacher_cross_entropy']:.4f})"
         )
@@ -104,7 +111,8 @@ def load_student(model_dir: Path, adapter: Path | None) -> Any:
 
 def _score_batch(model: Any, items: list, pad_id: int, sums: dict[str, float]) -> None:
     batch = collate(items, pad_id=pad_id, max_seq_length=max(len(item[0].input_ids) for item in items))
-    hidden = response_hidden_states(model, batch)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = response_hidden_states(model, batch, accepts_logits_to_keep(base))
     head = output_head(model)
     teacher_ids, teacher_lp, teacher_tail = batch["topk_ids"][0], batch["topk_logprobs"][0], batch["tail_logmass"][0]
     target_lp = torch.cat([item[0].target_logprobs[item[0].positions < batch["input_ids"].shape[1]]
@@ -115,18 +123,24 @@ def _score_batch(model: Any, items: list, pad_id: int, sums: dict[str, float]) -
                                        None if head.bias is None else head.bias.float())
         lse = torch.logsumexp(z, 1)
         ids, a = teacher_ids[rows], teacher_lp[rows]
-        in_s = torch.isfinite(a)
+        # As in training (pipeline.losses): -inf entries and ids past the student's vocabulary (a teacher
+        # head padded further, e.g. 152,064 rows against 151,936) are no class; they point at the row's
+        # first real entry so that gathers and scatters stay in range.
+        in_s = torch.isfinite(a) & (ids < z.shape[1])
+        first = ids.gather(1, in_s.int().argmax(1, keepdim=True)).clamp(max=z.shape[1] - 1)
+        ids = torch.where(in_s, ids, first)
         z_s = z.gather(1, ids).masked_fill(~in_s, float("-inf"))
-        rest = z.scatter(1, torch.where(in_s, ids, ids[:, :1]), float("-inf"))
+        rest = z.scatter(1, ids, float("-inf"))
         lse_rest = torch.logsumexp(rest, 1)
         has_tail = torch.isfinite(lse_rest)
         logq = torch.cat([z_s - lse[:, None], (lse_rest - lse)[:, None]], 1)
         logp = teacher_class_logprobs(a, teacher_tail[rows].masked_fill(~has_tail, float("-inf")), 1.0)
         valid = torch.cat([in_s, has_tail[:, None]], 1)
         sums["kl"] += divergence("forward_kld", logp, logq, valid).sum().item()
-        sums["top1"] += (z.argmax(1) == ids[:, 0]).sum().item()
+        sums["top1"] += (z.argmax(1) == teacher_ids[rows, 0]).sum().item()
         targets = batch["targets"][rows]
         sums["ce"] += (lse - z.gather(1, targets[:, None]).squeeze(1)).sum().item()
     sums["teacher_ce"] += -target_lp.sum().item()
+    sums["tail"] += teacher_tail.exp().sum().item()
     sums["tokens"] += int(batch["targets"].numel())
     sums["samples"] += len(items)

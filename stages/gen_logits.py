@@ -69,7 +69,9 @@ def run(config: Config, *, part: int = 0, num_parts: int = 1, overwrite: bool = 
         "mode": inference.mode,
         "sampling": _sampling_identity(config),
     }
-    stats = {**data_stats.to_dict(), "part": part, "num_parts": num_parts, "part_samples": len(mine)}
+    # The data counts describe the whole dataset file (every part tokenizes all of it): kept apart from
+    # this part's own count, so that the manifest takes them once instead of summing them over parts.
+    stats = {"dataset": data_stats.to_dict(), "part_samples": len(mine)}
     per_teacher = []
     for index, (teacher, cache_dir) in enumerate(zip(teachers, dirs, strict=True)):
         identity = {**base_identity, "teacher": _teacher_identity(config, teacher)}

@@ -6,15 +6,18 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from test_train_student import HELD_OUT, held_out_kl, write_cache
+from test_train_student import HELD_OUT, SHARPEN, K, held_out_kl, write_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import cli
-from pipeline.cache import LogitCacheReader
+from pipeline.cache import LogitCacheReader, LogitCacheWriter
 from pipeline.config import config_from_dict
 from pipeline.data import load_samples
+from pipeline.models import tokenizer_fingerprint
+from pipeline.records import TeacherTopK
 from stages import evaluate
 
 
@@ -67,5 +70,49 @@ def test_teacher_agrees_with_itself_and_limit_counts_samples(cache, tiny_model_d
 def test_cli_json_and_bad_adapter(cache, tiny_student_dir, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(tiny_student_dir), "--cache", str(cache), "--json", "--limit", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 2
+    assert cli.main(["eval", "--model", str(tiny_student_dir), "--cache", str(cache), "--limit", "2"]) == 0
+    assert "lower bound of the full-vocabulary KL" in capsys.readouterr().out
     code = cli.main(["eval", "--model", str(tiny_student_dir), "--cache", str(cache), "--adapter", str(tmp_path)])
     assert code == 2 and "adapter_config.json" in capsys.readouterr().err
+
+
+def test_teacher_ids_beyond_the_student_vocabulary_are_no_class(tmp_path, samples_for_padding, tiny_model_dir,
+                                                                 tiny_student_dir):
+    """A teacher head with more rows than the student's (Qwen2.5-7B: 152,064, the 0.5B: 151,936) can put
+    ids the student lacks in its top-k. eval treats them as training does (no class; the student's mass
+    stays in the tail): it equals the loss path's KL instead of failing in a gather. It also reports the
+    teacher's mean tail mass, and says the KL is a lower bound."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model_dir))
+    identity = {"teacher": {"path": str(tiny_model_dir)}, "tokenizer": fingerprint, "k": K}
+    cache = tmp_path / "padded"
+    beyond = 0
+    with LogitCacheWriter(cache, identity, rows_per_shard=8, rows_per_row_group=4, background=False) as w:
+        for s in samples_for_padding:
+            positions = torch.tensor(s.positions)
+            with torch.no_grad():
+                logits = teacher(input_ids=torch.tensor([s.input_ids])).logits[0, positions - 1] * SHARPEN
+            vocab = logits.shape[1]
+            # 16 padded rows whose logits rival the real ones: some land in the top-k
+            logp = torch.log_softmax(torch.cat([logits, logits[:, :16] + 0.3], 1), -1)
+            top, ids = logp.topk(K, -1)
+            beyond += int((ids >= vocab).sum())
+            tail = logp.scatter(1, ids, -float("inf")).logsumexp(1)
+            target = logp.gather(1, torch.tensor(s.input_ids)[positions][:, None])[:, 0]
+            w.add(TeacherTopK(
+                s.sample_id, np.asarray(s.input_ids, np.int32), positions.numpy().astype(np.int32),
+                ids.numpy().astype(np.int32), top.numpy(), target.numpy(), tail.numpy(),
+            ))
+    assert beyond > 0
+    metrics = evaluate.run(tiny_student_dir, cache, batch_size=4)
+    student = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
+    assert metrics["kl"] == pytest.approx(held_out_kl(student, cache), rel=1e-5)
+    assert metrics["kl_is_lower_bound"] is True
+    tails = [s.tail_logmass.double().exp() for s in LogitCacheReader(cache).iter_samples(shuffle=False, seed=0)]
+    assert metrics["teacher_tail_mass"] == pytest.approx(float(torch.cat(tails).mean()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def samples_for_padding(tiny_tokenizer_dir, tiny_dataset_path):
+    config = config_from_dict({"dataset": {"labeled_path": str(tiny_dataset_path)}}, Path("."))
+    return load_samples(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), mode="score")[0][-HELD_OUT:]

@@ -310,3 +310,24 @@ def test_bad_inputs_fail_before_any_model_loads(tmp_path, tiny_dataset_path, tin
     # Through the CLI: exit code 2 and one line, no traceback.
     bad_path = write_config(tmp_path, tiny_dataset_path, [tmp_path / "missing"], tmp_path / "c")
     assert cli.main(["gen-logits", "--config", str(bad_path)]) == 2
+
+
+def test_parts_record_the_dataset_counts_once(tmp_path, tiny_dataset_path, tiny_model_dir) -> None:
+    """Every part tokenizes the whole dataset; the merged manifest must not count its truncations N times."""
+    def config(cache: Path):
+        path = write_config(tmp_path, tiny_dataset_path, [tiny_model_dir], cache)
+        raw = json.loads(path.read_text())
+        raw["distillation"]["max_seq_length"] = 160  # cuts some responses
+        path.write_text(json.dumps(raw))
+        return load_config(path)
+
+    gen_logits.run(config(tmp_path / "whole"))
+    split = config(tmp_path / "split")
+    for i in range(3):
+        gen_logits.run(split, part=i, num_parts=3)
+    whole, parts = load_manifest(tmp_path / "whole").stats, load_manifest(tmp_path / "split").stats
+    for key in ("truncated_response", "dropped_prompt_too_long", "records"):  # none summed over parts
+        assert parts.get(key) == whole.get(key), key
+    assert whole["dataset"]["truncated_response"] > 0
+    assert parts["dataset"] == whole["dataset"]
+    assert parts["part_samples"] == whole["part_samples"] == whole["dataset"]["samples"]

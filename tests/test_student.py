@@ -116,3 +116,44 @@ def test_target_class_reaches_the_loss(tiny_student_dir):
     _, kd = reference(logits, batch["targets"], rows, spec)
     torch.testing.assert_close(with_class.kd_sum.double(), kd, rtol=1e-5, atol=1e-4)
     assert abs(with_class.kd_sum.item() - without.kd_sum.item()) > 1e-3
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float16, torch.float32])
+def test_fp16_mixed_precision_step_matches_float64(hidden_dtype):
+    """`training.fp16`: autocast float16 with a GradScaler at its initial scale 65536, and a step's worth of
+    tokens (65,536) in the loss weights, so per-entry gradients w_ce * q_j lie below float16's range.
+    The unscaled gradients must match float64 (no underflow) and the scaler must find no inf (no NaN
+    first step). The hidden states come from a float32 layer run under autocast: float16 output, like
+    a float16 network; float32 where the model keeps its residual stream in float32 (Qwen2 under AMP)."""
+    n, width, vocab = 512, 64, 4096
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, width, generator=gen)
+    proj = torch.nn.Linear(width, width, bias=False)
+    head = torch.nn.Linear(width, vocab, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(width, width, generator=gen) / width**0.5)
+        head.weight.copy_(torch.randn(vocab, width, generator=gen) * 0.3)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    teachers = [make_teacher(n, vocab, 16, seed=1)]
+    spec = KDLossSpec(kd_ratio=0.5)
+    w_ce, w_kd = spec.token_weights(65536)
+
+    params64 = [p.detach().double().requires_grad_(True) for p in (proj.weight, head.weight)]
+    ce_ref, kd_ref = reference((x.double() @ params64[0].T) @ params64[1].T, targets, teachers, spec)
+    (w_ce * ce_ref + w_kd * kd_ref).backward()
+
+    optimizer = torch.optim.SGD([proj.weight, head.weight], lr=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        hidden = proj(x).to(hidden_dtype)
+        assert hidden.dtype == hidden_dtype
+        loss, _, _ = ChunkedHeadLoss.apply(hidden, head.weight, None, targets, teachers, spec, w_ce, w_kd, 128)
+    assert torch.isfinite(scaler.scale(loss)), "the scaled loss overflowed"
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0, "the scaler found inf/NaN gradients and skipped the step"
+    for param, ref in zip((proj.weight, head.weight), params64, strict=True):
+        error = (param.grad.double() - ref.grad).norm() / ref.grad.norm()
+        assert error < 5e-3, f"relative gradient error {error:.2e}"

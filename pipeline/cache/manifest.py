@@ -16,7 +16,7 @@ e.g. a copy made with plain tools).
 A fragment::
 
     {"format_version": 1, "writer_id": "part-0-of-2", "identity": {...}, "complete": false,
-     "stats": {"truncated": 3, ...},
+     "stats": {"dataset": {"truncated_response": 3, ...}, "part_samples": 12},
      "shards": [{"file": ..., "rows": ..., "tokens": ..., "response_tokens": ..., "bytes": ...,
                  "sha256": ...}, ...]}
 
@@ -137,11 +137,14 @@ class Manifest:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Numeric close(stats) values summed over parts (truncation and skip counts)."""
+        """Numeric close(stats) values summed over parts; a `dataset` entry (counts over the whole dataset
+        file, which every part records alike: truncation and skip counts) taken once, not summed."""
         total: dict[str, Any] = {}
-        for part in self.parts.values():
+        for _, part in sorted(self.parts.items()):
             for key, value in part.stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key == "dataset" and isinstance(value, dict):
+                    total.setdefault(key, value)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     total[key] = total.get(key, 0) + value
         return total
 
