@@ -6,6 +6,10 @@ Per response token, at temperature 1:
   It is a LOWER BOUND of the full-vocabulary KL (merging classes never raises a KL), loose where the
   teacher leaves much mass outside its top-k, so the teacher's mean tail mass is reported beside it;
   ids beyond the student's vocabulary are no class (as in training: their student mass is in the tail);
+- sampled-tail caches (`inference.tail_samples`) also give `kl_estimate`, an UNBIASED estimate of the
+  full-vocabulary KL: sum over the exact top-k of p (log p - log q) plus, over the sampled tail ids,
+  (r c_j / U) (log p_j - log q_j) with the stored teacher log-probs (E[r c_j / U] = p_j). For a purely
+  sampled cache (k = 0) it is the only KL, and top-1 agreement is not defined (no exact top-1);
 - top-1 agreement: the student's argmax equals the teacher's most likely token;
 - cross-entropy (and perplexity) of the actual response tokens.
 Means are over all response tokens of the scored samples. Streams the cache; batches; progress bar.
@@ -49,7 +53,7 @@ def run(
     total = reader.num_samples if limit is None else min(limit, reader.num_samples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    sums = {"kl": 0.0, "top1": 0.0, "ce": 0.0, "teacher_ce": 0.0, "tail": 0.0, "tokens": 0, "samples": 0}
+    sums = dict.fromkeys(("kl", "kl_estimate", "top1", "ce", "teacher_ce", "tail", "tokens", "samples"), 0.0)
     start = time.perf_counter()
     samples = reader.iter_samples(shuffle=False, seed=0)
     with torch.inference_mode(), tqdm(total=total, desc="eval", unit="sample", disable=as_json) as bar:
@@ -69,16 +73,18 @@ def run(
     if sums["tokens"] == 0:
         raise UserError(f"{cache_dir}: no response tokens to score.")
     n = sums["tokens"]
+    sampled, exact_top = reader.tail_draws > 0, reader.k > 0
     metrics = {
         "model": str(model_dir),
         "adapter": str(adapter) if adapter else None,
         "cache": str(cache_dir),
-        "samples": sums["samples"],
-        "response_tokens": n,
-        "kl": sums["kl"] / n,  # top-k + tail bucket: a lower bound of the full-vocabulary KL
+        "samples": int(sums["samples"]),
+        "response_tokens": int(n),
+        "kl": sums["kl"] / n if exact_top else None,  # top-k + tail bucket: a lower bound of the full KL
         "kl_is_lower_bound": True,
+        "kl_estimate": sums["kl_estimate"] / n if sampled else None,  # unbiased, sampled-tail caches
         "teacher_tail_mass": sums["tail"] / n,
-        "top1_agreement": sums["top1"] / n,
+        "top1_agreement": sums["top1"] / n if exact_top else None,
         "cross_entropy": sums["ce"] / n,
         "perplexity": math.exp(sums["ce"] / n),
         "teacher_cross_entropy": sums["teacher_ce"] / n,
@@ -87,13 +93,23 @@ def run(
     if as_json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(
-            f"{metrics['samples']} samples, {n} response tokens: teacher KL {metrics['kl']:.4f} nats/token "
-            f"(top-{reader.k} + tail bucket: a lower bound of the full-vocabulary KL; the teacher leaves "
-            f"{metrics['teacher_tail_mass']:.1%} of its mass outside its top-{reader.k}), "
-            f"top-1 agreement {metrics['top1_agreement']:.3f}, cross-entropy {metrics['cross_entropy']:.4f} "
-            f"(perplexity {metrics['perplexity']:.2f}; teacher's own {metrics['teacher_cross_entropy']:.4f})"
+        parts = [f"{metrics['samples']} samples, {n} response tokens:"]
+        if sampled:
+            parts.append(
+                f"teacher KL {metrics['kl_estimate']:.4f} nats/token (unbiased estimate of the full-vocabulary "
+                f"KL from the exact top-{reader.k} and {reader.tail_draws} tail draws per token),"
+            )
+        if exact_top:
+            parts.append(
+                f"top-{reader.k} + tail bucket KL {metrics['kl']:.4f} (a lower bound of the full-vocabulary KL; "
+                f"the teacher leaves {metrics['teacher_tail_mass']:.1%} of its mass outside its top-{reader.k}), "
+                f"top-1 agreement {metrics['top1_agreement']:.3f},"
+            )
+        parts.append(
+            f"cross-entropy {metrics['cross_entropy']:.4f} (perplexity {metrics['perplexity']:.2f}; teacher's own "
+            f"{metrics['teacher_cross_entropy']:.4f})"
         )
+        print(" ".join(parts))
     return metrics
 
 
@@ -122,6 +138,12 @@ def _score_batch(model: Any, items: list, pad_id: int, sums: dict[str, float]) -
         z = torch.nn.functional.linear(hidden[rows].float(), head.weight.float(),
                                        None if head.bias is None else head.bias.float())
         lse = torch.logsumexp(z, 1)
+        targets = batch["targets"][rows]
+        sums["ce"] += (lse - z.gather(1, targets[:, None]).squeeze(1)).sum().item()
+        if batch["sample_ids"][0] is not None:
+            sums["kl_estimate"] += _sampled_kl_estimate(z, lse, batch, rows).item()
+        if teacher_ids.shape[1] == 0:  # a purely sampled cache: no exact top-k, no bucket KL, no top-1
+            continue
         ids, a = teacher_ids[rows], teacher_lp[rows]
         # As in training (pipeline.losses): -inf entries and ids past the student's vocabulary (a teacher
         # head padded further, e.g. 152,064 rows against 151,936) are no class; they point at the row's
@@ -138,9 +160,26 @@ def _score_batch(model: Any, items: list, pad_id: int, sums: dict[str, float]) -
         valid = torch.cat([in_s, has_tail[:, None]], 1)
         sums["kl"] += divergence("forward_kld", logp, logq, valid).sum().item()
         sums["top1"] += (z.argmax(1) == teacher_ids[rows, 0]).sum().item()
-        targets = batch["targets"][rows]
-        sums["ce"] += (lse - z.gather(1, targets[:, None]).squeeze(1)).sum().item()
     sums["teacher_ce"] += -target_lp.sum().item()
     sums["tail"] += teacher_tail.exp().sum().item()
     sums["tokens"] += int(batch["targets"].numel())
     sums["samples"] += len(items)
+
+
+def _sampled_kl_estimate(z: torch.Tensor, lse: torch.Tensor, batch: dict, rows: slice) -> torch.Tensor:
+    """Sum over the chunk's rows of the unbiased full-vocabulary KL estimate (module docstring).
+
+    Classes the student cannot hold (ids past its vocabulary) are left out, as in training."""
+    vocab = z.shape[1]
+    logq_all = z - lse[:, None]
+    a, ids = batch["topk_logprobs"][0][rows].double(), batch["topk_ids"][0][rows]
+    head = torch.isfinite(a) & (ids < vocab)
+    lq = logq_all.gather(1, ids.clamp(max=vocab - 1)).double()
+    exact = torch.where(head, a.exp() * (a - lq), 0.0).sum()
+    sid, counts = batch["sample_ids"][0][rows], batch["sample_counts"][0][rows].double()
+    b = batch["sample_logprobs"][0][rows].double()
+    real = (counts > 0) & (sid < vocab)
+    draws = counts.sum(1, keepdim=True).clamp(min=1)
+    weight = batch["tail_logmass"][0][rows].double().exp()[:, None] * counts / draws
+    lq_s = logq_all.gather(1, sid.clamp(max=vocab - 1)).double()
+    return exact + torch.where(real, weight * (b - lq_s), 0.0).sum()
