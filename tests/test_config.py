@@ -25,7 +25,7 @@ def test_defaults_fill_everything_but_paths(tmp_path):
     config = load_config(write(tmp_path, {}))
     assert config.inference.top_logits_num == 64
     assert config.distillation.distillation_type == "forward_kld"
-    assert config.distillation.tail == "bucket"
+    assert config.distillation.tail == "auto"
     assert config.lora.enable and config.lora.r == 16 and config.lora.alpha == 32
     assert config.lora.target_modules == SEVEN_PROJECTIONS
     assert config.dataset.labeled_path is None and config.models.teacher == []
@@ -91,7 +91,9 @@ def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
         ({"distillation": {"kd_ratio": 1.5}}, "`distillation.kd_ratio` = 1.5 is out of range: use a number in [0, 1]"),
         ({"distillation": {"temperature": 0}}, "`distillation.temperature`"),
         ({"distillation": {"tail": "drop"}}, '"bucket" | "renormalize"'),
-        ({"inference": {"top_logits_num": 0}}, "`inference.top_logits_num` = 0 is out of range"),
+        ({"inference": {"top_logits_num": 5000}}, "`inference.top_logits_num` = 5000 is out of range"),
+        ({"inference": {"top_logits_num": 0}}, "the cache would hold no teacher targets"),
+        ({"inference": {"tail_samples": -1}}, "`inference.tail_samples` = -1 is out of range"),
         ({"inference": {"engine": "sglang"}}, '"vllm" | "hf"'),
         ({"inference": {"mode": "both"}}, '"score" | "generate"'),
         ({"models": {"teacher": 5}}, "`models.teacher` = 5 is not valid: expected a list of paths"),

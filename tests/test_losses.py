@@ -30,7 +30,7 @@ def reference(z: torch.Tensor, targets, teachers, spec: KDLossSpec) -> tuple[tor
     for teacher, weight in zip(teachers, spec.teacher_weights, strict=True):
         a = teacher.topk_logprobs.double()
         q_s = logq_full.gather(1, teacher.topk_ids).exp()
-        if spec.tail == "bucket":
+        if spec.tail in ("auto", "bucket"):  # auto is bucket for a top-k teacher
             p = torch.cat([(a / T).exp(), (teacher.tail_logmass.double() / T).exp()[:, None]], 1)
             q = torch.cat([q_s, (1 - q_s.sum(1, keepdim=True)).clamp(min=0)], 1)
         else:
