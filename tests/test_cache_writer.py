@@ -108,14 +108,28 @@ def test_identity_mismatch_lists_keys(tmp_path):
 
 def test_thread_error_reraises_in_producer(tmp_path):
     bad = record(0)
-    bad.topk_logprobs[0, 0] = np.nan
+    bad.topk_ids[0, 0] = -1  # only the codec, in the writer thread, checks the id range
     writer = LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=1)
     writer.add(bad)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="token ids must be in"):
         for i in range(1, 500):  # the error surfaces at a later add() or at close()
             writer.add(record(i))
         writer.close()
     assert not load_manifest(tmp_path).is_complete
+
+
+@pytest.mark.parametrize("column", ["topk_logprobs", "target_logprobs", "tail_logmass"])
+def test_nan_logprobs_fail_at_add_naming_the_sample_and_the_fix(tmp_path, column):
+    """A float16 teacher that overflows gives NaN log-probs: the error names the sample, the positions and
+    `inference.dtype`, raised by add() itself (not later, from the writer thread); earlier shards stay."""
+    bad = record(5)
+    getattr(bad, column)[1] = np.nan
+    with pytest.raises(UserError, match=r"sample 's005' are NaN at 1 response position\(s\).*inference.dtype"):
+        with LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=2) as writer:
+            for i in range(5):
+                writer.add(record(i))
+            writer.add(bad)
+    assert load_manifest(tmp_path).num_samples == 5  # the samples before it are kept
 
 
 def test_exception_in_block_keeps_finished_samples_but_not_completion(tmp_path):

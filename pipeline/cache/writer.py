@@ -221,6 +221,17 @@ class LogitCacheWriter:
             )
         if np.ndim(r.input_ids) != 1:
             raise ValueError(f"sample {r.sample_id}: input_ids must be 1-D")
+        # Here, in the producer's thread, so that the error names the sample (the codec, in the writer
+        # thread, would only say that some row holds NaN).
+        nan_rows = np.isnan(r.topk_logprobs).any(1) | np.isnan(r.target_logprobs) | np.isnan(r.tail_logmass)
+        if nan_rows.any():
+            where = np.asarray(r.positions)[nan_rows][:5].tolist()
+            raise UserError(
+                f"cache {self.cache_dir}: the teacher's log-probs for sample {r.sample_id!r} are NaN at "
+                f"{int(nan_rows.sum())} response position(s) (t = {where}...), usually a float16 overflow "
+                "in the teacher. Set `inference.dtype` to `bfloat16` or `float32` and rerun: the shards "
+                "already written are kept, and this sample would be NaN again in float16."
+            )
         positions = np.asarray(r.positions)
         if rows and (
             positions[0] < 1 or positions[-1] >= len(r.input_ids) or (np.diff(positions) <= 0).any()
