@@ -236,6 +236,35 @@ def test_corrupt_unrecorded_shard_is_quarantined(tmp_path):
     writer.close()
 
 
+def test_a_second_quarantine_of_the_same_shard_name_keeps_the_first(tmp_path):
+    """Two crashes, each leaving a corrupt unrecorded shard of the same name (the resumed writer reuses the
+    sequence number): quarantine/ keeps both for inspection."""
+    write(tmp_path, range(3), rows_per_shard=3)
+    orphan = tmp_path / "shard-part-0-of-1-00001.parquet"
+    for crash in (b"first crash", b"second crash"):
+        orphan.write_bytes(crash)
+        LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=3).close()
+        assert not orphan.exists()
+    kept = sorted(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
+    assert kept == [b"first crash", b"second crash"]
+
+
+def test_manifest_temp_files_do_not_collide_across_containers(tmp_path, monkeypatch):
+    """Writers in other containers share the folder and may share pid and thread id (pid 1): a manifest
+    rewrite must never open another writer's temp file."""
+    from pipeline.cache import manifest
+
+    write(tmp_path, range(2))
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    # what another container's writer with pid 1 (and, by chance, this thread's id) is writing right now
+    theirs = tmp_path / f".{manifest.MANIFEST}.tmp-1-{threading.get_ident()}"
+    theirs.write_bytes(b"their half-written manifest")
+    with LogitCacheWriter(tmp_path, IDENTITY, writer_id="part-1-of-2", background=False) as writer:
+        writer.add(record(5))
+    assert theirs.read_bytes() == b"their half-written manifest"
+    assert load_manifest(tmp_path).num_samples == 3
+
+
 def test_two_writers_in_one_directory(tmp_path):
     """Parts I of N written concurrently: the manifest is the union; complete only when all parts closed."""
     half = {0: range(0, 9), 1: range(9, 20)}

@@ -33,6 +33,7 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -347,12 +348,15 @@ class LogitCacheWriter:
             except (OSError, pa.ArrowException, ValueError) as exc:
                 quarantine = self.cache_dir / QUARANTINE_DIR
                 quarantine.mkdir(exist_ok=True)
-                shutil.move(path, quarantine / path.name)
+                target = quarantine / path.name
+                if target.exists():  # an earlier quarantine of the same shard name: keep both
+                    target = quarantine / f"{path.name}.{uuid.uuid4().hex[:12]}"
+                shutil.move(path, target)
                 log.warning(
                     "logit cache: unrecorded shard %s failed verification (%s); moved to %s",
                     path,
                     exc,
-                    quarantine,
+                    target,
                 )
                 continue
             log.warning("logit cache: adopting shard %s (written, but not recorded before a crash)", path)
