@@ -106,6 +106,18 @@ def build_dataset(args: argparse.Namespace, teacher_dir: Path, path: Path) -> No
             f.write(json.dumps(record) + "\n")
 
 
+def context_length(args: argparse.Namespace, teacher_dir: Path) -> int:
+    """The engine's context: room for 4x --seq (chat-template overhead), capped at the teacher's own
+    limit (vLLM refuses a max_model_len above it, e.g. 2,048 for a model with 1,024 positions)."""
+    config = json.loads((teacher_dir / "config.json").read_text())
+    config = config.get("text_config", config)
+    keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+    limit = next((int(config[key]) for key in keys if config.get(key)), None)
+    if limit is not None and limit < args.seq:
+        raise SystemExit(f"--seq {args.seq} is longer than the teacher's {limit} positions: lower --seq.")
+    return min(4 * args.seq, limit or 4 * args.seq)
+
+
 def write_config(args: argparse.Namespace, workdir: Path, teacher_dir: Path, engine: str, cache: str) -> Path:
     raw = {
         "dataset": {"labeled_path": str(workdir / "data.jsonl"), "logits_path": str(workdir / cache)},
@@ -120,7 +132,7 @@ def write_config(args: argparse.Namespace, workdir: Path, teacher_dir: Path, eng
             "enforce_eager": args.eager,
             "gpu_memory_utilization": 0.3,
         },
-        "distillation": {"max_seq_length": 4 * args.seq},
+        "distillation": {"max_seq_length": context_length(args, teacher_dir)},
     }
     path = workdir / f"config-{engine}.json"
     path.write_text(json.dumps(raw))
@@ -143,7 +155,7 @@ def run_raw_and_capture(args: argparse.Namespace, teacher_dir: Path) -> dict[str
     llm = LLM(
         model=str(teacher_dir),
         dtype=args.dtype,
-        max_model_len=4 * args.seq,
+        max_model_len=context_length(args, teacher_dir),
         max_logprobs=args.k,
         enable_prefix_caching=False,
         enforce_eager=args.eager,

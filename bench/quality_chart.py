@@ -20,6 +20,7 @@ TEACHERS = {  # result folder -> label
     "quality": "quality teacher as trained",
     "quality-x1.5": "quality teacher, logits x1.5",
     "demo": "demo teacher",
+    "demo-x1.5": "demo teacher, logits x1.5",
 }
 
 
@@ -84,7 +85,7 @@ def main() -> int:
         print("matplotlib is not installed (pip install matplotlib): no chart written", file=sys.stderr)
         return 0
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"quality": "o", "quality-x1.5": "s", "demo": "^"}
+    markers = {"quality": "o", "quality-x1.5": "s", "demo": "^", "demo-x1.5": "v"}
     colors = {"top-k": "tab:gray", "sampled": "tab:orange", "hybrid": "tab:blue"}
     for folder, rows in table.items():
         for r in rows:

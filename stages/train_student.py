@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
 from pipeline.lora import wrap_student
 from pipeline.losses import KDLossSpec, check_tail_settings
-from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer
+from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer, model_identity
 from pipeline.student import collate
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ def _end_distributed() -> None:
 def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
     """One reader per teacher, in `models.teacher` order, each checked against the student's tokenizer.
 
-    `dataset.logits_path` is one cache, or a folder of one cache per teacher (matched to the teachers
-    by the teacher path recorded in each cache).
+    `dataset.logits_path` is one cache, or a folder of one cache per teacher, matched to the teachers
+    by content (see `_in_teacher_order`).
     """
     root = config.dataset.logits_path
     if root is None:
@@ -138,21 +138,59 @@ def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
     for reader in readers:
         check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer)
     teachers = [str(t) for t in config.models.teacher]
-    if len(readers) > 1 and teachers:
-        by_teacher = {str(r.manifest.identity.get("teacher", {}).get("path")): r for r in readers}
-        unmatched = [t for t in teachers if t not in by_teacher]
-        if unmatched or len(teachers) != len(readers):
-            raise UserError(
-                f"`models.teacher` lists {teachers}, the caches under {root} were made by "
-                f"{sorted(by_teacher)}: they must be the same teachers."
-            )
-        readers = [by_teacher[t] for t in teachers]
+    if len(readers) > 1:
+        readers = _in_teacher_order(readers, teachers, config.distillation.teacher_weights, root)
     weights = config.distillation.teacher_weights
     if weights is not None and len(weights) != len(readers):
         raise UserError(
             f"`distillation.teacher_weights` has {len(weights)} entries for {len(readers)} teacher caches."
         )
     return readers
+
+
+def _in_teacher_order(
+    readers: list[LogitCacheReader], teachers: list[str], weights: list[float] | None, root: Path
+) -> list[LogitCacheReader]:
+    """The caches in `models.teacher` order, so that `teacher_weights[w]` weighs teacher w's cache.
+
+    A teacher folder present here is matched by its content hash (the one gen-logits recorded), wherever
+    it is mounted; a teacher that is not (a hub id, or weights kept on the teacher's machine) by the
+    path recorded in the cache. Without `models.teacher` the folder order is arbitrary (`Qwen2.5-14B`
+    sorts before `Qwen2.5-7B`), which only equal weights make harmless.
+    """
+    recorded = [r.manifest.identity.get("teacher", {}) for r in readers]
+    if not teachers:
+        if weights is not None and len(set(weights)) > 1:
+            raise UserError(
+                f"`distillation.teacher_weights` {weights} are unequal, but nothing says which of the "
+                f"{len(readers)} caches under {root} is which teacher: list the teachers in `models.teacher`, "
+                f"in the order of the weights (the caches were made by {[t.get('path') for t in recorded]})."
+            )
+        return readers
+    order = []
+    for teacher in teachers:
+        if Path(teacher).is_dir():
+            digest = model_identity(teacher)["hash"]
+            hits = [i for i, found in enumerate(recorded) if found.get("hash") == digest]
+            how = f"content hash {digest[:12]}"
+        else:
+            hits = [i for i, found in enumerate(recorded) if found.get("path") == teacher]
+            how = "recorded path (the folder is not on this machine)"
+        if len(hits) != 1:
+            made_by = [f"{r.cache_dir.name}: {t.get('path')} (hash {str(t.get('hash'))[:12]})"
+                       for r, t in zip(readers, recorded, strict=True)]
+            raise UserError(
+                f"`models.teacher` {teacher} matches {len(hits)} of the caches under {root} by {how}; the "
+                f"caches were made by {made_by}. List each teacher once: a folder with the same weights, "
+                "or the path recorded in its cache."
+            )
+        order.append(hits[0])
+    if len(order) != len(readers):
+        raise UserError(
+            f"`models.teacher` lists {len(teachers)} teachers, {root} holds {len(readers)} caches: "
+            "list one teacher per cache."
+        )
+    return [readers[i] for i in order]
 
 
 def _check_config(config: Config) -> tuple[str, Path]:

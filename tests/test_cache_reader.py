@@ -209,6 +209,21 @@ def test_joined_caches_pair_by_sample_id(cache, tmp_path):
     assert [a.sample_id for a, _ in dataset] == [a.sample_id for a, _ in joined]
 
 
+def test_second_teacher_is_read_only_where_the_rank_reads(cache, tmp_path):
+    """Caches of one layout (gen-logits writes every teacher's over the same samples in the same order):
+    a rank's worker opens and hashes only the second cache's shards that its own rows are in, as it
+    does for the first, and builds no index of the whole cache."""
+    second = tmp_path / "second"
+    write(second, range(N), rows_per_shard=5, rows_per_row_group=2)
+    for rank in range(4):
+        readers = [LogitCacheReader(cache), LogitCacheReader(second)]
+        joined = list(iter_joined(readers, shuffle=True, seed=3, epoch=1, rank=rank, world_size=4))
+        assert len(joined) == readers[0].rank_num_samples(rank, 4)
+        assert all(a.sample_id == b.sample_id and torch.equal(a.topk_ids, b.topk_ids) for a, b in joined)
+        assert readers[1]._verified == readers[0]._verified
+        assert len(readers[1]._verified) < len(readers[1].manifest.shards)
+
+
 def test_joined_caches_must_hold_the_same_tokens(cache, tmp_path):
     other = tmp_path / "other"
     with LogitCacheWriter(other, IDENTITY) as writer:

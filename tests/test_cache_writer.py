@@ -108,14 +108,28 @@ def test_identity_mismatch_lists_keys(tmp_path):
 
 def test_thread_error_reraises_in_producer(tmp_path):
     bad = record(0)
-    bad.topk_logprobs[0, 0] = np.nan
+    bad.topk_ids[0, 0] = -1  # only the codec, in the writer thread, checks the id range
     writer = LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=1)
     writer.add(bad)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="token ids must be in"):
         for i in range(1, 500):  # the error surfaces at a later add() or at close()
             writer.add(record(i))
         writer.close()
     assert not load_manifest(tmp_path).is_complete
+
+
+@pytest.mark.parametrize("column", ["topk_logprobs", "target_logprobs", "tail_logmass"])
+def test_nan_logprobs_fail_at_add_naming_the_sample_and_the_fix(tmp_path, column):
+    """A float16 teacher that overflows gives NaN log-probs: the error names the sample, the positions and
+    `inference.dtype`, raised by add() itself (not later, from the writer thread); earlier shards stay."""
+    bad = record(5)
+    getattr(bad, column)[1] = np.nan
+    with pytest.raises(UserError, match=r"sample 's005' are NaN at 1 response position\(s\).*inference.dtype"):
+        with LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=2) as writer:
+            for i in range(5):
+                writer.add(record(i))
+            writer.add(bad)
+    assert load_manifest(tmp_path).num_samples == 5  # the samples before it are kept
 
 
 def test_exception_in_block_keeps_finished_samples_but_not_completion(tmp_path):
@@ -220,6 +234,35 @@ def test_corrupt_unrecorded_shard_is_quarantined(tmp_path):
     assert writer.completed_sample_ids() == {f"s{i:03d}" for i in range(3)}
     assert (tmp_path / "quarantine" / orphan).exists() and not (tmp_path / orphan).exists()
     writer.close()
+
+
+def test_a_second_quarantine_of_the_same_shard_name_keeps_the_first(tmp_path):
+    """Two crashes, each leaving a corrupt unrecorded shard of the same name (the resumed writer reuses the
+    sequence number): quarantine/ keeps both for inspection."""
+    write(tmp_path, range(3), rows_per_shard=3)
+    orphan = tmp_path / "shard-part-0-of-1-00001.parquet"
+    for crash in (b"first crash", b"second crash"):
+        orphan.write_bytes(crash)
+        LogitCacheWriter(tmp_path, IDENTITY, rows_per_shard=3).close()
+        assert not orphan.exists()
+    kept = sorted(p.read_bytes() for p in (tmp_path / "quarantine").iterdir())
+    assert kept == [b"first crash", b"second crash"]
+
+
+def test_manifest_temp_files_do_not_collide_across_containers(tmp_path, monkeypatch):
+    """Writers in other containers share the folder and may share pid and thread id (pid 1): a manifest
+    rewrite must never open another writer's temp file."""
+    from pipeline.cache import manifest
+
+    write(tmp_path, range(2))
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    # what another container's writer with pid 1 (and, by chance, this thread's id) is writing right now
+    theirs = tmp_path / f".{manifest.MANIFEST}.tmp-1-{threading.get_ident()}"
+    theirs.write_bytes(b"their half-written manifest")
+    with LogitCacheWriter(tmp_path, IDENTITY, writer_id="part-1-of-2", background=False) as writer:
+        writer.add(record(5))
+    assert theirs.read_bytes() == b"their half-written manifest"
+    assert load_manifest(tmp_path).num_samples == 3
 
 
 def test_two_writers_in_one_directory(tmp_path):

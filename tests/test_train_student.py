@@ -22,7 +22,7 @@ from pipeline.config import config_from_dict, load_config
 from pipeline.data import load_samples
 from pipeline.errors import UserError
 from pipeline.losses import KDLossSpec
-from pipeline.models import check_cache_tokenizer, tokenizer_fingerprint
+from pipeline.models import check_cache_tokenizer, model_identity, tokenizer_fingerprint
 from pipeline.records import TeacherTopK
 from pipeline.student import collate, distillation_loss, output_head
 from stages import train_student
@@ -36,7 +36,7 @@ def write_cache(cache_dir: Path, samples, teacher_dir: Path, sharpen: float = SH
     """Top-k of the teacher exactly as gen-logits stores it: float32 log_softmax, top-k, exact tail."""
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_dir))
-    identity = {"teacher": {"path": str(teacher_dir)}, "tokenizer": fingerprint, "k": K}
+    identity = {"teacher": model_identity(teacher_dir), "tokenizer": fingerprint, "k": K}  # as gen-logits
     with LogitCacheWriter(cache_dir, identity, rows_per_shard=8, rows_per_row_group=4, background=False) as w:
         for s in samples:
             positions = torch.tensor(s.positions)
@@ -301,6 +301,35 @@ def test_full_finetune_and_two_teachers(tmp_path, samples, tiny_model_dir, tiny_
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     base = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)  # the head trains too
+
+
+def test_teacher_caches_are_matched_by_content_not_by_path(tmp_path, samples, tiny_model_dir, tiny_student_dir,
+                                                          tiny_tokenizer_dir):
+    """Caches made where the teachers lived at other paths: listed teachers are matched by their weights'
+    hash, in `models.teacher` order (not the folders' sorted order). Without `models.teacher`, unequal
+    weights cannot be paired with caches: refused."""
+    import shutil
+
+    # folder names sort the other way round from the teacher order below
+    write_cache(tmp_path / "caches" / "a-small", samples[:4], tiny_student_dir, sharpen=1.0)
+    write_cache(tmp_path / "caches" / "b-large", samples[:4], tiny_model_dir)
+    mounted = {name: tmp_path / "node7" / name for name in ("large", "small")}
+    shutil.copytree(tiny_model_dir, mounted["large"])
+    shutil.copytree(tiny_student_dir, mounted["small"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = make_config(tmp_path / "out", tmp_path / "caches", tiny_student_dir,
+                         distillation={"teacher_weights": [3, 1]})
+    config.models.teacher = [mounted["large"], mounted["small"]]
+    readers = train_student.open_caches(config, tokenizer)
+    assert [r.cache_dir.name for r in readers] == ["b-large", "a-small"]
+    config.models.teacher = [Path("/gone/large")]  # neither here nor recorded
+    with pytest.raises(UserError, match="matches 0 of the caches"):
+        train_student.open_caches(config, tokenizer)
+    config.models.teacher = []
+    with pytest.raises(UserError, match="unequal"):
+        train_student.open_caches(config, tokenizer)
+    config.distillation.teacher_weights = [1, 1]
+    assert len(train_student.open_caches(config, tokenizer)) == 2
 
 
 def test_tokenizer_mismatch_fails_before_training(tmp_path, caches, tiny_student_dir):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,8 +283,9 @@ def identity_diff(expected: dict[str, Any], found: dict[str, Any], prefix: str =
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old or the new file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
+    # A random name: writers on other machines (or containers, where every pid may be 1) share the folder.
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -70,6 +70,8 @@ class _Row:
     positions: np.ndarray
     coded: dict[str, bytes]
     id_table: np.ndarray
+    row_group: int  # where it is stored: row group and row within it, in `shard`
+    row: int
 
 
 class LogitCacheReader:
@@ -116,6 +118,8 @@ class LogitCacheReader:
         self._verified: set[str] = set()
         self._index: dict[str, tuple[str, int, int]] | None = None
         self._row_groups: OrderedDict[tuple[str, int], list[_Row]] = OrderedDict()
+        self._shards_by_name = {shard.file: shard for shard in self.manifest.shards}
+        self._num_row_groups: dict[str, int] = {}
         if verify == "all":
             self.verify_all()
 
@@ -196,6 +200,7 @@ class LogitCacheReader:
             raise UserError(
                 f"shard {self.cache_dir / shard.file}: row group {rg} is unreadable: {exc}"
             ) from None
+        rows = np.arange(group.num_rows) if take is None else np.asarray(take)
         if take is not None:
             group = group.take(take)
         ids = [_offsets_values(group[name]) for name in ("input_ids", "positions")]
@@ -211,6 +216,8 @@ class LogitCacheReader:
                 ids[1][1][ids[1][0][i] : ids[1][0][i + 1]].astype(np.int64),
                 {name: coded[name][i] for name in self._coded_columns},
                 table,
+                rg,
+                int(rows[i]),
             )
             for i, (sample_id, n) in enumerate(
                 zip(group["sample_id"].to_pylist(), group["num_positions"].to_numpy(), strict=True)
@@ -322,13 +329,31 @@ class LogitCacheReader:
 
     # -- random access by sample id (multi-teacher joins) ---------------------------------------
     def _build_index(self) -> dict[str, tuple[str, int, int]]:
+        """sample_id -> (shard, row group, row), from the sample_id column alone: a shard is hashed
+        (first_read) only when its rows are actually read."""
         index: dict[str, tuple[str, int, int]] = {}
         for shard in self.manifest.shards:
-            pf, _ = self._open(shard)
-            for rg in range(pf.num_row_groups):
-                ids = pf.read_row_group(rg, columns=["sample_id"]).column(0).to_pylist()
-                index.update((sample_id, (shard.file, rg, i)) for i, sample_id in enumerate(ids))
+            path = self._check_file(shard, hash_it=False)
+            try:
+                pf = pq.ParquetFile(path)
+                for rg in range(pf.num_row_groups):
+                    ids = pf.read_row_group(rg, columns=["sample_id"]).column(0).to_pylist()
+                    index.update((sample_id, (shard.file, rg, i)) for i, sample_id in enumerate(ids))
+            except (OSError, pa.ArrowException) as exc:
+                raise UserError(f"shard {path} is unreadable: {exc}") from None
         return index
+
+    def _row_group(self, shard: ShardEntry, rg: int) -> list[_Row]:
+        """One row group's rows, through a small LRU cache."""
+        key = (shard.file, rg)
+        if key in self._row_groups:
+            self._row_groups.move_to_end(key)
+        else:
+            pf, table = self._open(shard)
+            self._row_groups[key] = self._read_rows(shard, pf, table, rg, None)
+            if len(self._row_groups) > _ROW_GROUP_CACHE:
+                self._row_groups.popitem(last=False)
+        return self._row_groups[key]
 
     def _row(self, sample_id: str) -> _Row:
         if self._index is None:
@@ -336,16 +361,23 @@ class LogitCacheReader:
         if sample_id not in self._index:
             raise UserError(f"cache {self.cache_dir} has no sample {sample_id!r}")
         file, rg, i = self._index[sample_id]
-        key = (file, rg)
-        if key in self._row_groups:
-            self._row_groups.move_to_end(key)
-        else:
-            shard = next(s for s in self.manifest.shards if s.file == file)
-            pf, table = self._open(shard)
-            self._row_groups[key] = self._read_rows(shard, pf, table, rg, None)
-            if len(self._row_groups) > _ROW_GROUP_CACHE:
-                self._row_groups.popitem(last=False)
-        return self._row_groups[key][i]
+        return self._row_group(next(s for s in self.manifest.shards if s.file == file), rg)[i]
+
+    def _row_like(self, primary: _Row) -> _Row:
+        """This cache's row of `primary`'s sample. gen-logits writes every teacher's cache over the same
+        samples in the same order and shard layout, so it is first looked for at the same shard name, row
+        group and row (checked by sample id): each worker then reads only the shards its own rows need,
+        instead of every shard of the cache for an index. Other layouts fall back to the sample_id index."""
+        shard = self._shards_by_name.get(primary.shard)
+        if shard is not None and shard.rows > 0:
+            pf_groups = self._num_row_groups.get(shard.file)
+            if pf_groups is None:
+                pf_groups = self._num_row_groups[shard.file] = self._open(shard)[0].num_row_groups
+            if primary.row_group < pf_groups:
+                rows = self._row_group(shard, primary.row_group)
+                if primary.row < len(rows) and rows[primary.row].sample_id == primary.sample_id:
+                    return rows[primary.row]
+        return self._row(primary.sample_id)
 
     def read_sample(self, sample_id: str) -> CacheSample:
         """One sample by id (builds an id index on first use; row groups are cached LRU)."""
@@ -369,8 +401,9 @@ def iter_joined(
     """Samples of several teachers' caches paired by sample_id: one tuple per sample, in readers order.
 
     The first reader drives the order (the arguments mean what they mean for `iter_samples`); the
-    others are read by sample id through a row-group cache, which stays sequential when the caches
-    share a layout (same dataset, same parts). Token ids and response positions must be identical.
+    others are read at the same shard, row group and row when they share its layout (as gen-logits
+    writes them), else by sample id, through a row-group cache. Token ids and response positions must
+    be identical.
     """
     primary, others = readers[0], list(readers[1:])
     for other in others:
@@ -394,7 +427,7 @@ def iter_joined(
     for row in rows:
         paired = [row]
         for other in others:
-            match = other._row(row.sample_id)
+            match = other._row_like(row)
             for name in ("input_ids", "positions"):
                 if not np.array_equal(getattr(match, name), getattr(row, name)):
                     raise UserError(

@@ -35,6 +35,7 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,17 @@ class LogitCacheWriter:
             raise ValueError(f"sample {r.sample_id}: input_ids must be 1-D")
         if self.tail_draws and (r.sample_ids is None or np.shape(r.sample_ids)[0] != rows):
             raise ValueError(f"sample {r.sample_id}: a sampled-tail cache needs [R={rows}, m] tail samples")
+        # Here, in the producer's thread, so that the error names the sample (the codec, in the writer
+        # thread, would only say that some row holds NaN).
+        nan_rows = np.isnan(r.topk_logprobs).any(1) | np.isnan(r.target_logprobs) | np.isnan(r.tail_logmass)
+        if nan_rows.any():
+            where = np.asarray(r.positions)[nan_rows][:5].tolist()
+            raise UserError(
+                f"cache {self.cache_dir}: the teacher's log-probs for sample {r.sample_id!r} are NaN at "
+                f"{int(nan_rows.sum())} response position(s) (t = {where}...), usually a float16 overflow "
+                "in the teacher. Set `inference.dtype` to `bfloat16` or `float32` and rerun: the shards "
+                "already written are kept, and this sample would be NaN again in float16."
+            )
         positions = np.asarray(r.positions)
         if rows and (
             positions[0] < 1 or positions[-1] >= len(r.input_ids) or (np.diff(positions) <= 0).any()
@@ -365,12 +377,15 @@ class LogitCacheWriter:
             except (OSError, pa.ArrowException, ValueError) as exc:
                 quarantine = self.cache_dir / QUARANTINE_DIR
                 quarantine.mkdir(exist_ok=True)
-                shutil.move(path, quarantine / path.name)
+                target = quarantine / path.name
+                if target.exists():  # an earlier quarantine of the same shard name: keep both
+                    target = quarantine / f"{path.name}.{uuid.uuid4().hex[:12]}"
+                shutil.move(path, target)
                 log.warning(
                     "logit cache: unrecorded shard %s failed verification (%s); moved to %s",
                     path,
                     exc,
-                    quarantine,
+                    target,
                 )
                 continue
             log.warning("logit cache: adopting shard %s (written, but not recorded before a crash)", path)
