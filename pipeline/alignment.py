@@ -91,7 +91,7 @@ class ChatRenderer:
             spans = [(self._head_end(text, turn), end) for turn, end in zip(turns, ends, strict=True)]
         if self.reasoning == "context":
             # Everything from the previous turn's end to this answer: the think block, never a response.
-            holes = [(start, turn.answer[0]) for start, turn in zip([0, *ends[:-1]], turns, strict=True)]
+            holes = [(start, turn.answer[0]) for start, turn in zip([0, *ends][: len(turns)], turns, strict=True)]
             spans = _subtract(spans, [(s, e) for s, e in holes if THINK_CLOSE in text[s:e]])
         return text, [(s, e) for s, e in spans if e > s]
 
