@@ -56,11 +56,14 @@ class ChatRenderer:
         self.template = template
         self.reasoning = reasoning
         self.has_generation_blocks = bool(_GENERATION_BLOCK.search(template))
-        self._kwargs = {**tokenizer.special_tokens_map, "enable_thinking": reasoning == "train"}
+        # Only `context` sets enable_thinking (to False): `train` renders as the template does by default.
+        default = dict(tokenizer.special_tokens_map)
+        non_thinking = {**default, "enable_thinking": False}
+        self._kwargs = non_thinking if reasoning == "context" else default
         # Longest first, so `<|im_end|>` wins over any shorter added token it starts with.
         self._added_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-        # Both thinking modes' prompts: Qwen3 writes earlier turns after the plain header either way.
-        self.generation_prompts = sorted({self._generation_prompt(thinking) for thinking in (True, False)} - {""})
+        # Both modes' prompts: Qwen3 writes earlier turns after the plain header either way.
+        self.generation_prompts = sorted({self._generation_prompt(kw) for kw in (default, non_thinking)} - {""})
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool, where: str = "") -> str:
         return self._render(messages, add_generation_prompt, where)[0]
@@ -150,11 +153,11 @@ class ChatRenderer:
         token = next((t for t in self._added_tokens if rest.startswith(t, gap)), None)
         return gap + len(token) if token else 0
 
-    def _generation_prompt(self, thinking: bool) -> str:
+    def _generation_prompt(self, kwargs: dict[str, Any]) -> str:
         """What `add_generation_prompt` appends to a one-user-turn conversation (`""` if unknown)."""
         try:
-            bare = self._render(_PROBE, False, "", thinking=thinking)[0]
-            prompted = self._render(_PROBE, True, "", thinking=thinking)[0]
+            bare = self._render(_PROBE, False, "", kwargs)[0]
+            prompted = self._render(_PROBE, True, "", kwargs)[0]
         except UserError:
             return ""
         if prompted.startswith(bare) and len(prompted) > len(bare):
@@ -164,11 +167,11 @@ class ChatRenderer:
         return prompted[end + self._end_marker(prompted, end) :]
 
     def _render(
-        self, messages: list[Message], add_generation_prompt: bool, where: str, thinking: bool | None = None
+        self, messages: list[Message], add_generation_prompt: bool, where: str, kwargs: dict[str, Any] | None = None
     ) -> tuple[str, list]:
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        kwargs = self._kwargs if thinking is None else {**self._kwargs, "enable_thinking": thinking}
+        kwargs = self._kwargs if kwargs is None else kwargs
         try:
             rendered, blocks = render_jinja_template(
                 [messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
