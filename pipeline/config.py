@@ -28,6 +28,9 @@ class DatasetConfig:
     instruction_path: Path | None = None  # prompts only (generate mode)
     logits_path: Path | None = None  # the logit cache directory
     template: Path | None = None  # Jinja chat template file; None = the tokenizer's own
+    # The <think>...</think> block of assistant turns: "train" it as rendered, or keep it as untrained
+    # "context" (and render with enable_thinking=False, Qwen3's non-thinking generation prompt).
+    reasoning: Literal["train", "context"] = "train"
     seed: int = 42
 
 

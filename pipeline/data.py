@@ -1,16 +1,16 @@
 """Dataset records -> token ids + the exact positions of response tokens.
 
-Accepted record shapes (JSON array or JSONL, one object per record):
+Accepted record shapes (a JSON array, JSONL, or a Parquet file with these columns; one record per object/row):
 - EasyDistill: {"instruction", "input"?, "output"}   (output optional for generate mode)
 - chat:        {"messages": [{"role": system|user|assistant, "content"}, ...]}  every assistant turn
                is a response
 - pair:        {"prompt", "response"}                (response optional for generate mode)
 An optional "id" becomes the sample id; otherwise the record's index does.
 
-Alignment: the conversation is rendered once with the chat template (the tokenizer's, or the Jinja
-file `dataset.template`) and tokenized with character offsets. A token is a response token when it
-starts inside an assistant turn's span: from the end of the generation prompt to the end of the
-turn's end-of-turn token. `positions` are those token indices t; the student predicts x_t from t-1.
+Alignment (pipeline.alignment): the whole conversation is rendered once with the chat template (the
+tokenizer's, or the Jinja file `dataset.template`) and tokenized with character offsets; each assistant
+turn is located in that rendering, from the end of the generation prompt through its end-of-turn token.
+`positions` are the indices t of response tokens; the student predicts x_t from t-1.
 
 `max_seq_length` policy: a sample whose prompt (tokens before its first response token) already
 fills `max_seq_length` is dropped; otherwise the sequence is cut at `max_seq_length` tokens, which
@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from pipeline.alignment import ChatRenderer, Message
 from pipeline.config import Config
 from pipeline.errors import UserError
 
-Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
 
@@ -63,7 +63,7 @@ def dataset_path(config: Config, mode: str) -> Path:
     path = (ds.instruction_path or ds.labeled_path) if mode == "generate" else ds.labeled_path
     if path is None:
         key = "dataset.instruction_path" if mode == "generate" else "dataset.labeled_path"
-        raise UserError(f"`{key}` is not set: point it at a JSON or JSONL dataset file.")
+        raise UserError(f"`{key}` is not set: point it at a JSON, JSONL or Parquet dataset file.")
     return path
 
 
@@ -72,7 +72,7 @@ def load_samples(
 ) -> tuple[list[TokenizedSample], DataStats]:
     """Read, validate and tokenize the whole dataset before anything is written."""
     path = dataset_path(config, mode)
-    template = read_template(config.dataset.template)
+    renderer = ChatRenderer(tokenizer, read_template(config.dataset.template), config.dataset.reasoning)
     max_len = config.distillation.max_seq_length
     stats = DataStats()
     samples: list[TokenizedSample] = []
@@ -84,7 +84,7 @@ def load_samples(
             raise UserError(f"{where}: sample id {sample_id!r} repeats record {seen[sample_id]}; ids must be unique.")
         seen[sample_id] = index
         if mode == "generate":
-            sample = _tokenize_prompt(tokenizer, messages, template, sample_id, where)
+            sample = _tokenize_prompt(renderer, messages, sample_id, where)
             if len(sample.input_ids) >= max_len:
                 stats.dropped_prompt_too_long += 1
                 stats.skipped_ids.append(sample_id)
@@ -94,7 +94,7 @@ def load_samples(
                 stats.skipped_empty_response += 1
                 stats.skipped_ids.append(sample_id)
                 continue
-            sample = tokenize_conversation(tokenizer, messages, template, sample_id, where)
+            sample = tokenize_conversation(renderer, messages, sample_id, where)
             if sample.positions[0] >= max_len:
                 stats.dropped_prompt_too_long += 1
                 stats.skipped_ids.append(sample_id)
@@ -113,7 +113,10 @@ def load_samples(
 
 
 def read_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """Yield (`file:line` or `file[index]`, record) from a JSON array or a JSONL file."""
+    """Yield (`file:line`, `file[index]` or `file:row N`, record) from a JSON array, JSONL or Parquet file."""
+    if _is_parquet(path):
+        yield from _read_parquet(path)
+        return
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -169,53 +172,21 @@ def to_messages(record: dict, index: int, where: str, *, require_response: bool)
     )
 
 
-def tokenize_conversation(
-    tokenizer: Any, messages: list[Message], template: str | None, sample_id: str, where: str
-) -> TokenizedSample:
+def tokenize_conversation(renderer: ChatRenderer, messages: list[Message], sample_id: str, where: str):
     """Token ids of the whole conversation plus the indices of every assistant turn's tokens."""
-    full = render(tokenizer, messages, template, add_generation_prompt=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], template, add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1], template, add_generation_prompt=False)
-        if not (full.startswith(through) and through.startswith(before)):
-            raise UserError(
-                f"{where}: the chat template does not render turns as a growing prefix (turn {i}), so "
-                "response tokens cannot be located; use a template that renders history unchanged."
-            )
-        spans.append((len(before), _end_of_turn(through, len(before), tokenizer)))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    positions = [
-        t
-        for t, (start, _end) in enumerate(encoded["offset_mapping"])
-        if t >= 1 and any(s <= start < e for s, e in spans)
-    ]
+    input_ids, positions = renderer.tokenize(messages, where)
     if not positions:
         raise UserError(f"{where}: no response tokens after tokenization; is the response empty?")
-    return TokenizedSample(sample_id, list(encoded["input_ids"]), positions)
+    return TokenizedSample(sample_id, input_ids, positions)
 
 
-def _tokenize_prompt(tokenizer: Any, messages: list[Message], template: str | None, sample_id: str, where: str):
+def _tokenize_prompt(renderer: ChatRenderer, messages: list[Message], sample_id: str, where: str):
     while messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the teacher writes the final response itself
     if not messages:
         raise UserError(f"{where}: nothing to prompt the teacher with (only assistant turns).")
-    text = render(tokenizer, messages, template, add_generation_prompt=True)
-    return TokenizedSample(sample_id, list(tokenizer(text, add_special_tokens=False)["input_ids"]), [])
-
-
-def render(tokenizer: Any, messages: list[Message], template: str | None, *, add_generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    if template is None and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            "The tokenizer has no chat template: set `dataset.template` to a Jinja template file."
-        )
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = renderer.render(messages, add_generation_prompt=True, where=where)
+    return TokenizedSample(sample_id, list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"]), [])
 
 
 def read_template(path: Path | None) -> str | None:
@@ -235,18 +206,37 @@ def dataset_identity(config: Config, mode: str, tokenizer: Any) -> dict[str, Any
         "path": str(path),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "reasoning": config.dataset.reasoning,
         "max_seq_length": config.distillation.max_seq_length,
     }
 
 
-def _end_of_turn(through: str, start: int, tokenizer: Any) -> int:
-    """End of the turn's span: just after its end-of-turn token, so trailing newlines are not trained."""
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos:
-        cut = through.rfind(eos, start)
-        if cut >= 0:
-            return cut + len(eos)
-    return len(through)
+def _is_parquet(path: Path) -> bool:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False  # read_records reports it
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                # Columns a record lacks come back as null: drop them, as if the key were absent.
+                yield f"{path}:row {row}", {k: v for k, v in record.items() if v is not None}
+                row += 1
+    except FileNotFoundError:
+        raise UserError(f"Dataset file {path} does not exist.") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"Dataset file {path} cannot be read as Parquet: {exc}.") from None
 
 
 def _pair(user: str, record: dict, key: str, where: str, require_response: bool) -> list[Message]:

@@ -52,3 +52,17 @@ def tiny_dataset_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_instruction_dataset(
         tmp_path_factory.mktemp("tiny_dataset") / "train.jsonl", 24, seed=0, response_tokens=(8, 48)
     )
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir():
+    """name -> cached directory of a production tokenizer (pipeline.real_tokenizers); skips if unfetchable."""
+    from pipeline.real_tokenizers import FetchError, fetch
+
+    def get(name: str) -> Path:
+        try:
+            return fetch(name)
+        except FetchError as exc:
+            pytest.skip(f"real tokenizer {name!r} unavailable: {exc}")
+
+    return get

@@ -171,3 +171,92 @@ def test_read_records_skips_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('\n{"prompt": "a", "response": "b"}\n\n')
     assert [where for where, _ in read_records(path)] == [f"{path}:2"]
+
+
+def test_assistant_first_conversation_trains_no_header(tmp_path, word_tokenizer):
+    record = {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"},
+                           {"role": "assistant", "content": "c"}]}
+    (sample,), _ = load_samples(make_config(tmp_path, [record]), word_tokenizer, mode="score")
+    # 0 <s> 1 assistant 2 a 3 </s> 4 <s> 5 user 6 b 7 </s> 8 <s> 9 assistant 10 c 11 </s>
+    assert sample.positions == [2, 3, 10, 11]
+
+
+GENERATION_CHATML = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_generation_blocks_define_the_trained_text(tmp_path, tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    template = tmp_path / "generation.jinja"
+    template.write_text(GENERATION_CHATML)
+    records = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>x</think>Yo"},
+                             {"role": "user", "content": "Go"}, {"role": "assistant", "content": "Ok"}]}]
+    trained = {}
+    for reasoning in ("train", "context"):
+        config = make_config(tmp_path, records, template=template)
+        config.dataset.reasoning = reasoning
+        (sample,), _ = load_samples(config, tok, mode="score")
+        trained[reasoning] = tok.decode([sample.input_ids[t] for t in sample.positions])
+    # The template's blocks include the newline after <|im_end|>; `context` still leaves the think block out.
+    assert trained["train"] == "<think>x</think>Yo<|im_end|>\nOk<|im_end|>\n"
+    assert trained["context"] == "Yo<|im_end|>\nOk<|im_end|>\n"
+
+
+def test_a_template_that_rewrites_content_is_refused(tmp_path, word_tokenizer):
+    template = tmp_path / "upper.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }} {{ m['content'] | upper }} <|im_end|> {% endfor %}")
+    config = make_config(tmp_path, [{"prompt": "a", "response": "b c"}], template=template)
+    with pytest.raises(UserError, match=r"data\.jsonl:1: the chat template changes or drops the text"):
+        load_samples(config, word_tokenizer, mode="score")
+
+
+def write_parquet(path: Path, records: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def test_parquet_gives_the_same_samples_as_jsonl(tmp_path, word_tokenizer):
+    records = [
+        {"id": "x", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}]},
+        {"id": None, "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "d"},
+                                  {"role": "assistant", "content": "e"}]},
+    ]
+    from_jsonl, _ = load_samples(make_config(tmp_path, records), word_tokenizer, mode="score")
+    parquet = write_parquet(tmp_path / "data.parquet", records)
+    config = config_from_dict({"dataset": {"labeled_path": str(parquet)}}, tmp_path)
+    from_parquet, _ = load_samples(config, word_tokenizer, mode="score")
+    assert from_parquet == from_jsonl
+    assert [s.sample_id for s in from_parquet] == ["x", "1"]
+
+
+def test_parquet_rows_of_mixed_shapes_with_null_columns(tmp_path, word_tokenizer):
+    # Every row has every column: a chat row holds null `prompt`/`response`, a pair row a null `messages`.
+    records = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+         "prompt": None, "response": None},
+        {"messages": None, "prompt": "c d", "response": "e"},
+    ]
+    parquet = write_parquet(tmp_path / "data.parquet", records)
+    (first, second), _ = load_samples(
+        config_from_dict({"dataset": {"labeled_path": str(parquet)}}, tmp_path), word_tokenizer, mode="score")
+    assert word_tokenizer.convert_ids_to_tokens(first.input_ids)[2:3] == ["a"]
+    assert word_tokenizer.convert_ids_to_tokens(second.input_ids)[2:4] == ["c", "d"]
+
+
+def test_parquet_errors_name_the_row(tmp_path, word_tokenizer):
+    parquet = write_parquet(tmp_path / "data.parquet", [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
+    config = config_from_dict({"dataset": {"labeled_path": str(parquet)}}, tmp_path)
+    with pytest.raises(UserError, match=r"data\.parquet:row 1: the record has no `response`"):
+        load_samples(config, word_tokenizer, mode="score")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    config = config_from_dict({"dataset": {"labeled_path": str(broken)}}, tmp_path)
+    with pytest.raises(UserError, match=r"broken\.parquet cannot be read as Parquet"):
+        load_samples(config, word_tokenizer, mode="score")
