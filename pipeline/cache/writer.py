@@ -242,6 +242,8 @@ class LogitCacheWriter:
         # Here, in the producer's thread, so that the error names the sample (the codec, in the writer
         # thread, would only say that some row holds NaN).
         nan_rows = np.isnan(r.topk_logprobs).any(1) | np.isnan(r.target_logprobs) | np.isnan(r.tail_logmass)
+        if r.sample_logprobs is not None:
+            nan_rows |= np.isnan(r.sample_logprobs).any(1)
         if nan_rows.any():
             where = np.asarray(r.positions)[nan_rows][:5].tolist()
             raise UserError(
