@@ -36,17 +36,23 @@ def run_stage(name: str, *args: str, timings: dict[str, float], capture_json: bo
 
 
 def _overwrite_if_stale(cache_dir: Path, teacher_dir: Path) -> list[str]:
-    """["--overwrite"] when a cache left by an earlier demo came from another teacher build or codec."""
+    """["--overwrite"] when a cache left by an earlier demo came from another teacher build, codec or
+    target layout (k, tail samples)."""
     from pipeline.cache.codec import TopKCodec
+    from pipeline.config import load_config
     from pipeline.models import model_identity
 
     manifest = cache_dir / "manifest.json"
     if not manifest.exists():
         return []
     recorded = json.loads(manifest.read_text())
+    inference = load_config(CONFIG).inference
     same_teacher = recorded.get("teacher", {}).get("hash") == model_identity(teacher_dir)["hash"]
     same_codec = recorded.get("codec") == TopKCodec().params()
-    return [] if same_teacher and same_codec else ["--overwrite"]
+    same_layout = recorded.get("k") == inference.top_logits_num and (recorded.get("tail_samples") or {}).get(
+        "draws", 0
+    ) == inference.tail_samples
+    return [] if same_teacher and same_codec and same_layout else ["--overwrite"]
 
 
 def main() -> int:
@@ -92,18 +98,23 @@ def main() -> int:
 
 def print_summary(cache: dict, before: dict, after: dict, timings: dict[str, float], total: float) -> None:
     print("\n=== demo summary")
-    print(f"cache: {cache['samples']} samples, {cache['response_tokens']} response tokens, k={cache['k']}, "
+    draws = (cache.get("tail_samples") or {}).get("draws", 0)
+    layout = f"k={cache['k']}" + (f" + {draws} tail draws" if draws else "")
+    print(f"cache: {cache['samples']} samples, {cache['response_tokens']} response tokens, {layout}, "
           f"{cache['bytes'] / 1e6:.2f} MB, {cache['bytes_per_response_token']:.1f} bytes/response token")
     coverage = cache.get("coverage")
-    if coverage:  # what a top-k cache cannot carry (the briefly trained toy teacher is flat)
+    if coverage:  # what a top-k alone cannot carry (the briefly trained toy teacher is flat)
         k = cache["k"]
         print(f"teacher: {coverage['mass_outside_topk_mean']:.1%} of its probability mass outside its top-{k}, "
-              f"actual token in its top-{k} {coverage['target_in_topk']:.1%}")
-    rows = [("teacher KL (nats/token)", "kl"), ("top-1 agreement", "top1_agreement"),
-            ("response cross-entropy", "cross_entropy")]
+              f"actual token in its top-{k} {coverage['target_in_topk']:.1%}"
+              + (f"; {coverage['unique_sampled_ids_per_position']:.1f} unique sampled tail ids per position"
+                 if "unique_sampled_ids_per_position" in coverage else ""))
+    rows = [("teacher KL, unbiased est.", "kl_estimate"), ("teacher KL, bucket bound", "kl"),
+            ("top-1 agreement", "top1_agreement"), ("response cross-entropy", "cross_entropy")]
     print(f"\n{'held-out metric':<26}{'student before':>16}{'student after':>16}")
     for label, key in rows:
-        print(f"{label:<26}{before[key]:>16.4f}{after[key]:>16.4f}")
+        if before.get(key) is not None:
+            print(f"{label:<26}{before[key]:>16.4f}{after[key]:>16.4f}")
     print(f"\n{'stage':<26}{'wall time (s)':>16}")
     for name, seconds in timings.items():
         print(f"{name:<26}{seconds:>16.1f}")
