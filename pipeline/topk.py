@@ -65,37 +65,77 @@ class TopKResult:
 
 
 class OutputHead:
-    """The teacher's output projection, padded with zero rows to a multiple of the group count G.
+    """The teacher's output projection (weight [V, H], optional bias [V]), padded with zero rows to a
+    multiple of the group count G.
+
+    Logits are float32 whatever the hidden states' dtype: in bfloat16 a logit in [16, 32) would be
+    rounded to a multiple of 0.125 nat, three times the codec's 1/48 nat bound. On a GPU the matmul
+    reads the checkpoint's dtype and accumulates and writes float32 (`torch.mm(..., out_dtype=)`); on
+    CPU, which lacks that kernel, the weight is held in float32. Only one copy of the weight is held:
+    it is padded (and converted) where it is, once, before it moves to `device`.
 
     `logit_scale` and `softcap` reproduce architectures that transform the logits after the matmul
     (Cohere/Granite scale them, Gemma 2 soft-caps them); both are monotonic, so only the log-sum-exp
     sees them.
     """
 
-    def __init__(self, weight: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None):
-        self.weight = weight
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+    ):
         self.vocab_size = weight.shape[0]
+        self.device = weight.device
+        self._weight = weight.detach()
+        self.bias = None if bias is None else bias.detach().float()
         self.logit_scale = logit_scale
         self.softcap = softcap
-        self._padded: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+        self._float32_matmul = False  # set where this torch build lacks mm(..., out_dtype=float32)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[V, H]: a view of the one (padded) copy held."""
+        return self._weight[: self.vocab_size]
 
     def to(self, device: torch.device | str) -> OutputHead:
-        self.weight = self.weight.to(device)
-        self._padded.clear()
+        """Run the head on `device`; the weight moves there when it is first padded, so that the device
+        never holds an unpadded copy beside the padded one."""
+        self.device = torch.device(device)
         return self
 
     def padded_weight(self, like: torch.Tensor, groups: int) -> torch.Tensor:
-        """The weight in `like`'s dtype and device, padded to a multiple of `groups` rows."""
-        key = (like.dtype, like.device, groups)
-        if key not in self._padded:  # converted and padded once, not per chunk
-            pad = -self.vocab_size % groups
-            weight = self.weight.to(device=like.device, dtype=like.dtype)
-            self._padded[key] = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight
-        return self._padded[key]
+        """The weight padded to a multiple of `groups` rows, on `device`, in the dtype its matmul reads:
+        `like`'s on a GPU, float32 on CPU. Converted and padded once, replacing the copy held before."""
+        on_cpu = self.device.type == "cpu"
+        dtype = torch.float32 if on_cpu or self._float32_matmul else like.dtype
+        rows = self.vocab_size + (-self.vocab_size % groups)
+        held = self._weight
+        if held.shape[0] != rows or held.dtype != dtype or held.device != self.device:
+            real = held[: self.vocab_size]
+            pad = rows - self.vocab_size
+            padded = torch.cat([real, real.new_zeros(pad, real.shape[1])]) if pad else real
+            self._weight = padded.to(device=self.device, dtype=dtype)
+        if self.bias is not None and self.bias.device != self.device:
+            self.bias = self.bias.to(self.device)
+        return self._weight
 
     def logits(self, hidden: torch.Tensor, groups: int) -> torch.Tensor:
-        """[n, V padded to a multiple of `groups`] logits in the hidden states' dtype; padding is -inf."""
-        logits = hidden @ self.padded_weight(hidden, groups).T
+        """float32 [n, V padded to a multiple of `groups`] logits; padding is -inf."""
+        weight = self.padded_weight(hidden, groups)
+        if weight.dtype == torch.float32:
+            logits = hidden.float() @ weight.T
+        else:
+            try:  # float32 accumulation and output from the checkpoint's dtype, at its speed
+                logits = torch.mm(hidden.to(weight.dtype), weight.T, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError) as exc:
+                log.warning("no float32-output matmul for %s (%s); holding the head in float32", weight.dtype, exc)
+                self._float32_matmul = True
+                return self.logits(hidden, groups)
+        if self.bias is not None:
+            logits[:, : self.vocab_size] += self.bias
         if self.logit_scale != 1.0:
             logits.mul_(self.logit_scale)
         if self.softcap is not None:
@@ -105,7 +145,8 @@ class OutputHead:
 
 
 def load_output_head(model: Path | str) -> OutputHead:
-    """Read only the output head (or the tied input embedding) from a model's safetensors files.
+    """Read only the output head (or the tied input embedding), and its bias if any, from a model's
+    safetensors files.
 
     `model` is a local directory or a hub id, resolved through the Hugging Face cache (where vLLM
     downloads the same files).
@@ -135,9 +176,14 @@ def load_output_head(model: Path | str) -> OutputHead:
         raise UserError(
             f"Cannot find the output head (lm_head.weight) in {model_dir}; try `inference.engine: hf`."
         )
+    bias_name = name.removesuffix("weight") + "bias" if name.endswith("lm_head.weight") else None
     with safe_open(str(keys[name]), framework="pt") as handle:
         weight = handle.get_tensor(name)
-    return OutputHead(weight, **head_transforms(text_config))
+    bias = None
+    if bias_name in keys:  # Phi, GPT-J and others add a bias to the logits
+        with safe_open(str(keys[bias_name]), framework="pt") as handle:
+            bias = handle.get_tensor(bias_name)
+    return OutputHead(weight, bias, **head_transforms(text_config))
 
 
 def head_transforms(config: dict) -> dict:

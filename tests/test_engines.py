@@ -153,3 +153,36 @@ def test_vllm_engine_scores_like_the_model_and_the_hf_engine(
         np.testing.assert_allclose(ours.tail_logmass, theirs.tail_logmass, atol=ATOL, rtol=0)
         same = (ours.topk_ids == theirs.topk_ids).mean()
         assert same > 0.9, f"{ours.sample_id}: only {same:.0%} of the top-k ids agree"
+
+
+@pytest.fixture(scope="module")
+def biased_teacher_dir(tmp_path_factory, tiny_tokenizer_dir: Path) -> Path:
+    """A random-init Phi (its lm_head has a bias, as Phi-2's and GPT-J's do) with the tiny tokenizer; the
+    bias is large enough to reorder the top-k."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    out = tmp_path_factory.mktemp("biased_teacher")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = PhiConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=2048, dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0, 3.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_a_biased_output_head_scores_like_the_model(engine, biased_teacher_dir, tiny_dataset_path, samples) -> None:
+    """Both engines apply lm_head.bias (the vllm engine reads it from the safetensors beside the weight)."""
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    model = AutoModelForCausalLM.from_pretrained(biased_teacher_dir, dtype=torch.float32).eval()
+    with make_engine(make_config(tiny_dataset_path, engine), biased_teacher_dir) as teacher:
+        records = [r for b in teacher.score([samples[:5], samples[5:]]) for r in b]
+    check_against_model(records, samples, model)

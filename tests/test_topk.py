@@ -165,3 +165,49 @@ def test_missing_weights_are_a_user_error(tmp_path: Path) -> None:
     save_file({"model.norm.weight": np.ones(4, np.float32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(UserError, match="output head"):
         load_output_head(tmp_path)
+
+
+def test_bfloat16_head_logits_are_float32_and_the_weight_is_held_once() -> None:
+    """A bfloat16 teacher: logits of 16 to 32 would be rounded to multiples of 0.125 nat in bfloat16 (up
+    to 1/16 nat of error, 3x the codec's bound). The head's logits must be float32-exact for the bfloat16
+    inputs, and the head must hold one copy of its weight (the padded one), not two."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, width = 1000, 64
+    weight = (torch.randn(vocab, width, generator=gen) / width**0.5).bfloat16()
+    hidden = (torch.randn(40, width, generator=gen) * 4).bfloat16()
+    hidden[:, 0] = 60.0
+    weight[:, 0] = 0.4  # lifts every logit by 24: the top ones lie in [16, 32)
+    logits = hidden.double() @ weight.double().T
+    assert logits.max(1).values.min() > 16
+    targets = torch.randint(0, vocab, (40,), generator=gen)
+    head = OutputHead(weight)
+    assert_matches(topk_from_hidden(hidden, head, targets, 16, 16), logits, targets, 16, atol=1e-4)
+    assert head.weight.untyped_storage().data_ptr() == head._weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(head.weight.double(), weight.double(), rtol=0, atol=0)
+
+
+def _save_phi(path: Path) -> torch.nn.Module:
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    )
+    model = PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0, 2.0)  # a bias that reorders the top-k
+    model.save_pretrained(path)
+    return model
+
+
+def test_output_head_bias_is_read_and_applied(tmp_path: Path) -> None:
+    """Phi, GPT-J and others add a bias to the logits: it comes with the head from the safetensors."""
+    model = _save_phi(tmp_path)
+    head = load_output_head(tmp_path)
+    assert head.bias is not None and torch.equal(head.bias, model.lm_head.bias.detach())
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state[0]
+        logits = model(input_ids=ids).logits[0]
+    targets = torch.arange(1, 13) % 300
+    assert_matches(topk_from_hidden(hidden, head, targets, 10, 5), logits, targets, 10)

@@ -120,6 +120,7 @@ class LogitCacheReader:
         self._row_groups: OrderedDict[tuple[str, int], list[_Row]] = OrderedDict()
         self._shards_by_name = {shard.file: shard for shard in self.manifest.shards}
         self._num_row_groups: dict[str, int] = {}
+        self._same_layout = True  # as the primary's, in joins, until a row says otherwise
         if verify == "all":
             self.verify_all()
 
@@ -368,7 +369,7 @@ class LogitCacheReader:
         samples in the same order and shard layout, so it is first looked for at the same shard name, row
         group and row (checked by sample id): each worker then reads only the shards its own rows need,
         instead of every shard of the cache for an index. Other layouts fall back to the sample_id index."""
-        shard = self._shards_by_name.get(primary.shard)
+        shard = self._shards_by_name.get(primary.shard) if self._same_layout else None
         if shard is not None and shard.rows > 0:
             pf_groups = self._num_row_groups.get(shard.file)
             if pf_groups is None:
@@ -377,6 +378,7 @@ class LogitCacheReader:
                 rows = self._row_group(shard, primary.row_group)
                 if primary.row < len(rows) and rows[primary.row].sample_id == primary.sample_id:
                     return rows[primary.row]
+            self._same_layout = False  # another layout: no more reads at the primary's places
         return self._row(primary.sample_id)
 
     def read_sample(self, sample_id: str) -> CacheSample:

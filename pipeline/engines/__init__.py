@@ -110,7 +110,7 @@ def records_from_hidden(
     processed together so that short responses still fill the head's chunks. On CPU the chunks run
     in one thread per torch thread; on a GPU (where the head lives then) in one stream.
     """
-    device = head.weight.device
+    device = head.device
     positions = [torch.as_tensor(s.positions, dtype=torch.long) for s in batch]
     rows = torch.cat([h[p - 1] for h, p in zip(hidden_states, positions, strict=True)]).to(device)
     targets = torch.cat([torch.as_tensor(s.input_ids)[p] for s, p in zip(batch, positions, strict=True)])

@@ -36,12 +36,8 @@ class HfEngine(TeacherEngine):
         except (OSError, ValueError) as exc:
             raise UserError(f"Cannot load the teacher {teacher_path} with transformers: {exc}") from None
         head = self.model.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise UserError(
-                f"The teacher {teacher_path} has an output head with a bias, which is not supported."
-            )
         transforms = head_transforms(self.model.config.get_text_config().to_dict())
-        self.head = OutputHead(head.weight.detach(), **transforms)
+        self.head = OutputHead(head.weight.detach(), getattr(head, "bias", None), **transforms)
 
     @torch.inference_mode()
     def score(self, batches: Iterable[Sequence[TokenizedSample]]) -> Iterator[list[TeacherTopK]]:
