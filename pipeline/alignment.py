@@ -79,7 +79,7 @@ class ChatRenderer:
         positions = [
             t
             for t, (start, end) in enumerate(encoded["offset_mapping"])
-            if t >= 1 and cumulative[max(end, start + 1)] > cumulative[start]
+            if t >= 1 and cumulative[min(max(end, start + 1), len(text))] > cumulative[min(start, len(text))]
         ]
         return list(encoded["input_ids"]), positions
 
