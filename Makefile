@@ -26,8 +26,10 @@ bench: setup
 	-$(BIN)/python bench/loader.py
 	-$(BIN)/python bench/gen_throughput.py
 	-$(BIN)/python bench/train_step.py
-	-$(BIN)/python bench/quality.py --kd-ratio 0.5
-	-$(BIN)/python bench/quality.py --kd-ratio 0.5 --teacher-scale 1.5
+	for profile in quality demo; do for scale in 1 1.5; do for seed in 0 1; do \
+		$(BIN)/python bench/quality.py --profile $$profile --teacher-scale $$scale --seed $$seed --kd-ratio 0.5 || true; \
+	done; done; done
+	-$(BIN)/python -m pip install -q 'matplotlib>=3.8' && $(BIN)/python bench/quality_chart.py
 
 lint: setup
 	$(BIN)/ruff check .
