@@ -35,14 +35,30 @@ FSDP = {"fsdp": True, "fsdp_config": {"version": 2}, "ddp_backend": "gloo"}
 ATOL, RTOL = 2e-5, 1e-4
 
 # Runs the CLI in a torchrun rank; records after step 1 how the parameters are held; SIGKILLs at a step.
+# accelerate (1.15) turns FSDP on only for accelerator devices: on CPU it keeps DistributedType.MULTI_CPU,
+# drops the FSDP plugin and trains DDP. The probe lifts that one device gate, as accelerate does on GPUs;
+# everything after it (fully_shard, the Trainer's FSDP saving, checkpointing and loading) is the real path.
 PROBE = """
 import json, os, signal, sys
+import accelerate.state
+from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 import pipeline.kd_trainer as kd_trainer
 from pipeline.cli import main
 
 kill_at, record = int(sys.argv[1]), sys.argv[2]
+
+init_state = accelerate.state.AcceleratorState.__init__
+def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    init_state(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        if self._mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
+        self.fsdp_plugin = fsdp_plugin
+accelerate.state.AcceleratorState.__init__ = fsdp_on_cpu
+
 
 class Probe(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -65,13 +81,15 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def torchrun(tmp_path: Path, config: Path, *cli: str, kill_at: int = 0) -> subprocess.CompletedProcess:
+def torchrun(
+    tmp_path: Path, config: Path, *cli: str, kill_at: int = 0, nproc: int = 2
+) -> subprocess.CompletedProcess:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
          str(_free_port()), str(script), str(kill_at), str(tmp_path), "train-student", "--config", str(config), *cli],
         capture_output=True, text=True, env=env, timeout=300,
     )
