@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,8 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
     # Every trainable parameter takes part in the KD forward, so DDP need not search the graph for unused
     # ones each step (transformers would otherwise turn the search on).
     training.setdefault("ddp_find_unused_parameters", False)
+    _check_sharding(training)
     args = TrainingArguments(**{**training, **_FIXED_ARGS})
-    _check_sharding(args)
     stream = CacheStream(
         readers,
         seed=config.dataset.seed,
@@ -158,12 +159,10 @@ def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
     return readers
 
 
-def _check_sharding(args: Any) -> None:
+def _check_sharding(training: dict[str, Any]) -> None:
     """FSDP and DeepSpeed shard across processes: they need a distributed launch (torchrun, accelerate)."""
-    from transformers.training_args import ParallelMode
-
-    engine = "training.fsdp" if args.fsdp else "training.deepspeed" if args.deepspeed else None
-    if engine and args.parallel_mode != ParallelMode.DISTRIBUTED:
+    engine = next((f"training.{key}" for key in ("fsdp", "deepspeed") if training.get(key)), None)
+    if engine and "LOCAL_RANK" not in os.environ:  # set by torchrun and accelerate launch
         raise UserError(
             f"`{engine}` shards the student across processes: launch with `torchrun --nproc_per_node N -m "
             "pipeline.cli train-student ...` (or `accelerate launch`), even for one GPU."

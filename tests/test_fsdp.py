@@ -21,6 +21,7 @@ from test_train_student import _free_port, caches, make_config, samples  # noqa:
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import LoraConfig
+from pipeline.errors import UserError
 from pipeline.head_loss import DistillationHead, install_distillation_head
 from pipeline.lora import wrap_student
 from pipeline.losses import KDLossSpec
@@ -193,3 +194,9 @@ def test_fsdp2_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, caches
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-5)  # measured: bit-identical
     assert json.loads((tmp_path / "killed" / train_student.METRICS).read_text())["global_step"] == 6
+
+
+def test_fsdp_without_a_distributed_launch_is_refused(tmp_path, caches, tiny_student_dir):  # noqa: F811
+    config = make_config(tmp_path / "out", caches["train"], tiny_student_dir, **FSDP)
+    with pytest.raises(UserError, match="training.fsdp.*torchrun"):
+        train_student.run(config, resume=False)
