@@ -30,8 +30,10 @@ print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 EOF
 )
 if [ -n "$missing" ] && [ -d "$WHEELS" ]; then
-    echo "installing from $WHEELS: $missing"
-    $PY -m pip install --no-index --find-links "$WHEELS" $missing >"$OUT/pip.log" 2>&1 || echo "pip failed: see $OUT/pip.log"
+    for package in $missing; do  # one at a time: a package with no wheel there must not stop the others
+        $PY -m pip install --no-index --find-links "$WHEELS" "$package" >>"$OUT/pip.log" 2>&1 \
+            && echo "installed $package from $WHEELS" || echo "no wheel for $package in $WHEELS (see $OUT/pip.log)"
+    done
 fi
 $PY - <<'EOF' | tee "$OUT/environment.txt"
 import importlib, platform
