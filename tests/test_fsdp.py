@@ -85,10 +85,10 @@ sys.exit(main(sys.argv[3:]))
 
 
 def torchrun(
-    tmp_path: Path, config: Path, *cli: str, kill_at: int = 0, nproc: int = 2
+    tmp_path: Path, config: Path, *cli: str, kill_at: int = 0, nproc: int = 2, probe: bool = True
 ) -> subprocess.CompletedProcess:
     script = tmp_path / "probe.py"
-    script.write_text(PROBE)
+    script.write_text(PROBE if probe else "import sys\nfrom pipeline.cli import main\nsys.exit(main(sys.argv[3:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
@@ -200,3 +200,12 @@ def test_fsdp_without_a_distributed_launch_is_refused(tmp_path, caches, tiny_stu
     config = make_config(tmp_path / "out", caches["train"], tiny_student_dir, **FSDP)
     with pytest.raises(UserError, match="training.fsdp.*torchrun"):
         train_student.run(config, resume=False)
+
+
+def test_fsdp_on_cpu_ranks_is_refused_not_silently_ddp(tmp_path, caches, tiny_student_dir):  # noqa: F811
+    """Without the probe's gate, accelerate would train DDP under `training.fsdp` on CPU: refused instead."""
+    raw = make_config(tmp_path / "out", caches["train"], tiny_student_dir, max_steps=1, **FSDP)
+    proc = torchrun(tmp_path, write_config(tmp_path / "cpu.json", raw), probe=False)
+    assert proc.returncode != 0
+    assert "accelerate runs FSDP only on GPUs" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
