@@ -1,17 +1,20 @@
-"""One training step, three ways, same student, same LoRA, same batch: time per step and peak RSS.
+"""One training step, three ways, same student, same LoRA, same batch: time per step and peak memory.
 
   ce     the student's own causal-LM loss (labels on the response tokens): the baseline
   kd     ours: hidden states at response positions, chunked head, sparse top-k KD + CE (pipeline.student)
   dense  EasyDistill's way: full [batch, seq, vocab] logits, a dense teacher tensor filled from the
          top-k, kl_div over the vocabulary, plus the model's CE
 
-Each variant runs in its own subprocess so peak RSS is its own. Defaults: a 45M-parameter Qwen2-shaped
-student (vocab 32k, hidden 512, 10 layers), LoRA r=16 on the seven projections, float32, batch 4 x 512
-tokens with 384 response positions, k = 64, 3 timed steps after one warm-up step.
+Each variant runs in its own subprocess so its peak memory is its own: on CPU the peak RSS, on CUDA
+`torch.cuda.max_memory_allocated` (tensors only, not the allocator's cache) and CUDA-event time per step.
+Defaults: a 45M-parameter Qwen2-shaped student (vocab 32k, hidden 512, 10 layers), LoRA r=16 on the seven
+projections, float32, batch 4 x 512 tokens with 384 response positions, k = 64, 3 timed steps after one
+warm-up step. `kd` runs the loss inside the head's forward, as training does (pipeline.head_loss).
 
     python bench/train_step.py                  # all three, table + JSON summary
     python bench/train_step.py --threads 1      # work per step, when other jobs share the cores
     python bench/train_step.py --variant kd     # one variant (what the parent runs per subprocess)
+    python bench/train_step.py --device cuda --autocast bfloat16 --vocab 152064   # on a GPU
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="repeat all variants; best round counts")
     parser.add_argument("--threads", type=int, help="torch threads (1 measures work on a busy shared host)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none",
+                        help="mixed precision of the step (float32 weights, as the Trainer's bf16/fp16 flags)")
     return parser.parse_args(argv)
 
 
@@ -63,7 +69,7 @@ def build(args: argparse.Namespace):
         max_position_embeddings=4096, tie_word_embeddings=True,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = wrap_student(model, LoraConfig(r=16, alpha=32, dropout=0.0))
+    model = wrap_student(model, LoraConfig(r=16, alpha=32, dropout=0.0)).to(args.device)
     samples = []
     for i in range(args.batch):
         ids = torch.randint(0, args.vocab, (args.seq,))
@@ -74,7 +80,9 @@ def build(args: argparse.Namespace):
             logprobs.sort(1, descending=True).values, logprobs[:, 0],
             torch.log1p(-logprobs.exp().sum(1)),
         )])
-    return model, collate(samples, pad_id=0, max_seq_length=args.seq)
+    batch = collate(samples, pad_id=0, max_seq_length=args.seq)
+    to = lambda v: [t.to(args.device) for t in v] if isinstance(v, list) else v.to(args.device)
+    return model, {key: to(value) for key, value in batch.items()}
 
 
 def ce_step(model, batch, args) -> torch.Tensor:
@@ -84,11 +92,12 @@ def ce_step(model, batch, args) -> torch.Tensor:
 
 
 def kd_step(model, batch, args) -> torch.Tensor:
+    from pipeline.head_loss import install_distillation_head
     from pipeline.losses import KDLossSpec
-    from pipeline.student import distillation_loss, output_head
+    from pipeline.student import distillation_loss
 
     spec = KDLossSpec(kd_ratio=0.5)
-    head = output_head(model)
+    head = install_distillation_head(model)
     return distillation_loss(model, head, batch, spec, batch["targets"].numel(), args.chunk_size).loss
 
 
@@ -112,19 +121,36 @@ def run_variant(args: argparse.Namespace) -> dict:
     model, batch = build(args)
     step_fn = {"ce": ce_step, "kd": kd_step, "dense": dense_step}[args.variant]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    cuda = torch.device(args.device).type == "cuda"
+    dtype = None if args.autocast == "none" else getattr(torch, args.autocast)
     times, cpu_times = [], []
     for step in range(args.steps + 1):
+        if cuda and step == 1:  # the peak of the timed steps, not of the warm-up's one-off allocations
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start, cpu_start = time.perf_counter(), time.process_time()
-        step_fn(model, batch, args).backward()
+        if cuda:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+        with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None):
+            loss = step_fn(model, batch, args)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            events[1].record()
+            torch.cuda.synchronize()
         if step > 0:  # the first step is warm-up
-            times.append(time.perf_counter() - start)
+            times.append(events[0].elapsed_time(events[1]) / 1000 if cuda else time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in model.parameters())
     return {"variant": args.variant, "step_s": statistics.mean(times), "times": times, "cpu_times": cpu_times,
-            "peak_rss_mb": peak_mb, "params_m": params / 1e6, "threads": torch.get_num_threads()}
+            "peak_rss_mb": peak_mb, "params_m": params / 1e6, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "loss": loss.item()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     first = next(iter(runs.values()))[0]
     print(f"student {first['params_m']:.1f}M params, {first['threads']} threads, "
           f"batch {args.batch}x{args.seq}, {args.response} response positions, k={args.k}, "
-          f"vocab {args.vocab}, chunk {args.chunk_size}")
-    print(f"{'variant':8} {'step s':>8} {'x ce':>6} {'cpu s':>8} {'x ce':>6} {'peak MB':>9} {'x ce':>6}")
+          f"vocab {args.vocab}, chunk {args.chunk_size}, on {first['device']}, autocast {args.autocast}")
+    memory = "peak MB" if first["device"] == "cpu" else "cuda MB"  # RSS on CPU, max_memory_allocated on CUDA
+    print(f"{'variant':8} {'step s':>8} {'x ce':>6} {'cpu s':>8} {'x ce':>6} {memory:>9} {'x ce':>6}")
     base = result.get("ce")
     for variant, r in result.items():
         ratios = [r[key] / base[key] if base else float("nan") for key in ("step_s", "cpu_s", "peak_rss_mb")]

@@ -1,6 +1,7 @@
 """The distillation loop: `transformers.Trainer` with our loss, our normalization and our data stream.
 
-- Loss: pipeline.student.distillation_loss, each term a sum over response tokens divided ONCE by the
+- Loss: pipeline.student.distillation_loss, run inside the output head's forward (pipeline.head_loss) so
+  that FSDP2 / ZeRO-3 gather the head's weight for it; each term a sum over response tokens divided ONCE by the
   response-token count of the whole optimizer step: all gradient-accumulation micro-batches of all
   ranks, counted before the step (`get_batch_samples` sees every micro-batch of the step up front).
 - Data: `CacheStream` yields this rank's collated micro-batches, epoch after epoch, in a deterministic
@@ -22,9 +23,10 @@ from transformers import Trainer, TrainerCallback
 
 from pipeline.cache import LogitCacheReader, iter_joined
 from pipeline.errors import UserError
+from pipeline.head_loss import install_distillation_head
 from pipeline.losses import KDLossSpec
 from pipeline.records import CacheSample
-from pipeline.student import accepts_logits_to_keep, distillation_loss, output_head
+from pipeline.student import distillation_loss, output_head
 
 
 class CacheStream(IterableDataset):
@@ -101,8 +103,10 @@ class KDTrainer(Trainer):
         self.chunk_size = chunk_size
         self.stream = stream
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.head = output_head(base)
-        self.logits_to_keep = accepts_logits_to_keep(base)
+        output_head(base)  # refuses heads we cannot apply ourselves
+        # Before accelerate wraps the model: the loss then runs inside the head's forward, which FSDP2 and
+        # ZeRO-3 gather (pipeline.head_loss); under DDP or one process it changes nothing.
+        self.head = install_distillation_head(base)
         self._sums = torch.zeros(3, device=self.args.device)  # CE sum, KD sum, tokens since the last log
         self.add_callback(_StreamEpoch(stream, self.args.gradient_accumulation_steps))
 
@@ -135,11 +139,10 @@ class KDTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         tokens = num_items_in_batch if num_items_in_batch is not None else max(inputs["targets"].numel(), 1)
-        parts = distillation_loss(
-            model, self.head, inputs, self.loss_spec, tokens, self.chunk_size, self.logits_to_keep
-        )
+        parts = distillation_loss(model, self.head, inputs, self.loss_spec, tokens, self.chunk_size)
         self._sums += torch.stack([parts.ce_sum, parts.kd_sum, parts.ce_sum.new_tensor(parts.tokens)])
-        # DDP averages gradients over ranks, while each rank's loss is its share of the global token sum.
+        # DDP, FSDP and ZeRO average gradients over ranks, while each rank's loss is its share of the global
+        # token sum.
         loss = parts.loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 

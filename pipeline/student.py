@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import UserError
+from pipeline.head_loss import DistillationHead, HeadRequest
 from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, with_target_class
 from pipeline.records import CacheSample
 
@@ -98,7 +99,7 @@ def teacher_rows(batch: dict[str, Any], target_class: bool = False) -> list[Teac
 def output_head(model: Any) -> torch.nn.Linear:
     """The student's output layer, checked to be a plain linear map we may apply ourselves."""
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
+    if type(head) not in (torch.nn.Linear, DistillationHead):
         raise UserError(
             f"The student's output layer is a {type(head).__name__}, not a plain Linear (is `lm_head` a LoRA "
             "target?). The distillation loss applies the output head itself: leave lm_head out of "
@@ -150,14 +151,28 @@ def distillation_loss(
     chunk_size: int,
     logits_to_keep: bool = True,
 ) -> LossParts:
-    """Student forward + sparse KD/CE loss, normalized by `num_tokens` (the whole optimizer step's count)."""
-    hidden = response_hidden_states(model, batch, logits_to_keep)
+    """Student forward + sparse KD/CE loss, normalized by `num_tokens` (the whole optimizer step's count).
+
+    With `head` a DistillationHead (installed by the trainer) the loss runs inside the head's forward, so
+    under FSDP2 or ZeRO-3 it reads the gathered weight; a plain Linear is applied after the forward.
+    """
     w_ce, w_kd = spec.token_weights(num_tokens)
     teachers = teacher_rows(batch, spec.target_class)
-    loss, ce_sum, kd_sum = ChunkedHeadLoss.apply(
-        hidden, head.weight, head.bias, batch["targets"], teachers, spec, w_ce, w_kd, chunk_size
-    )
-    return LossParts(loss, ce_sum, kd_sum, int(batch["targets"].numel()))
+
+    def loss_fn(rows: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        return ChunkedHeadLoss.apply(rows, weight, bias, batch["targets"], teachers, spec, w_ce, w_kd, chunk_size)
+
+    if isinstance(head, DistillationHead):
+        head.request = request = HeadRequest(batch, loss_fn)
+        try:  # logits_to_keep stays at its default (all positions): the head picks the response rows
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        finally:
+            head.request = None
+        ce_sum, kd_sum = request.ce_sum, request.kd_sum
+    else:
+        hidden = response_hidden_states(model, batch, logits_to_keep)
+        loss, ce_sum, kd_sum = loss_fn(hidden, head.weight, head.bias)
+    return LossParts(loss.reshape(()), ce_sum, kd_sum, int(batch["targets"].numel()))
 
 
 class ChunkedHeadLoss(torch.autograd.Function):

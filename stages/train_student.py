@@ -3,7 +3,8 @@
 Recipe: check config -> open the cache(s), checking the student's tokenizer against the cache's ->
 student + LoRA -> KDTrainer (transformers.Trainer driven by the `training` section) -> adapter (or full
 model), tokenizer, resolved config and final metrics in `training.output_dir`; `merged_model/` on
-request. Works under `torchrun` (DDP, gloo on CPU): each rank reads its own slice of the cache.
+request. Works under `torchrun` (DDP, gloo on CPU; `training.fsdp` for FSDP2, `training.deepspeed` for ZeRO,
+both through accelerate): each rank reads its own slice of the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,7 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
     # Every trainable parameter takes part in the KD forward, so DDP need not search the graph for unused
     # ones each step (transformers would otherwise turn the search on).
     training.setdefault("ddp_find_unused_parameters", False)
+    _check_sharding(training)
     args = TrainingArguments(**{**training, **_FIXED_ARGS})
     stream = CacheStream(
         readers,
@@ -81,6 +84,12 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
         stream=stream,
         callbacks=[JsonlLogger(output_dir / LOG_FILE)],
     )
+    if args.fsdp and not trainer.is_fsdp_enabled:
+        # accelerate turns FSDP on only for accelerator devices; on CPU it would silently train DDP.
+        raise UserError(
+            f"`training.fsdp` is set, but accelerate runs FSDP only on GPUs (or other accelerators), not on "
+            f"{args.device.type}: drop `training.fsdp` to train data-parallel (DDP), or run on GPUs."
+        )
     if checkpoint is not None:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         stream.start = state["global_step"] * args.gradient_accumulation_steps
@@ -191,6 +200,16 @@ def _in_teacher_order(
             "list one teacher per cache."
         )
     return [readers[i] for i in order]
+
+
+def _check_sharding(training: dict[str, Any]) -> None:
+    """FSDP and DeepSpeed shard across processes: they need a distributed launch (torchrun, accelerate)."""
+    engine = next((f"training.{key}" for key in ("fsdp", "deepspeed") if training.get(key)), None)
+    if engine and "LOCAL_RANK" not in os.environ:  # set by torchrun and accelerate launch
+        raise UserError(
+            f"`{engine}` shards the student across processes: launch with `torchrun --nproc_per_node N -m "
+            "pipeline.cli train-student ...` (or `accelerate launch`), even for one GPU."
+        )
 
 
 def _check_config(config: Config) -> tuple[str, Path]:
