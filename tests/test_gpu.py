@@ -113,3 +113,23 @@ def test_fsdp2_through_accelerate_on_one_gpu(tmp_path, caches, tiny_student_dir,
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.9
     else:
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tail_samples", [0, 16])
+def test_hf_engine_writes_a_cache_on_cuda(tmp_path, tiny_dataset_path, tiny_model_dir, tail_samples):
+    """gen-logits with the hf engine runs the teacher, head, top-k and tail draws on the GPU; the cache
+    matches the float64 reference like the CPU one."""
+    from test_gen_logits import check_against_teacher, read_rows
+    from test_gen_logits import write_config as gen_config
+    from test_sampled_cache import check_samples_against_teacher
+
+    from pipeline.config import load_config
+    from stages import gen_logits
+
+    cache = tmp_path / "cache"
+    config = load_config(gen_config(tmp_path, tiny_dataset_path, [tiny_model_dir], cache, tail_samples=tail_samples))
+    gen_logits.run(config)
+    rows = read_rows(cache)
+    check_against_teacher(rows, tiny_model_dir)
+    if tail_samples:
+        check_samples_against_teacher(rows, tiny_model_dir, config.inference.top_logits_num, tail_samples)

@@ -31,19 +31,22 @@ class HfEngine(TeacherEngine):
         dtype = (
             self.inference.dtype if self.inference.dtype == "auto" else getattr(torch, self.inference.dtype)
         )
+        # On the GPU when there is one (as the vllm engine's head): the forward, the head and the top-k.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(teacher_path), dtype=dtype).eval()
         except (OSError, ValueError) as exc:
             raise UserError(f"Cannot load the teacher {teacher_path} with transformers: {exc}") from None
+        self.model.to(self.device)
         head = self.model.get_output_embeddings()
         transforms = head_transforms(self.model.config.get_text_config().to_dict())
-        self.head = OutputHead(head.weight.detach(), getattr(head, "bias", None), **transforms)
+        self.head = OutputHead(head.weight.detach(), getattr(head, "bias", None), **transforms).to(self.device)
 
     @torch.inference_mode()
     def score(self, batches: Iterable[Sequence[TokenizedSample]]) -> Iterator[list[TeacherTopK]]:
         for batch in batches:
             hidden = [
-                self.model.base_model(input_ids=torch.tensor([s.input_ids])).last_hidden_state[0]
+                self.model.base_model(input_ids=torch.tensor([s.input_ids], device=self.device)).last_hidden_state[0]
                 for s in batch
             ]
             yield records_from_hidden(
@@ -57,7 +60,7 @@ class HfEngine(TeacherEngine):
         responses = []
         for r in requests:
             torch.manual_seed(r.seed)
-            prompt = torch.tensor([r.prompt_ids])
+            prompt = torch.tensor([r.prompt_ids], device=self.device)
             out = self.model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
