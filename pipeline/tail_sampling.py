@@ -52,12 +52,13 @@ def draw_tail(logits: torch.Tensor, top_ids: torch.Tensor, uniforms: torch.Tenso
     draws (all padding). Only [n, V'] float64 temporaries of this chunk exist.
     """
     n, vocab = logits.shape
-    x = logits.double()
-    log_z = torch.logsumexp(x, dim=1)
-    tail = x.clone() if top_ids.shape[1] == 0 else x.scatter(1, top_ids.long(), _NEG_INF)
-    row_max = tail.amax(1, keepdim=True)
+    log_z = torch.logsumexp(logits.double(), dim=1)
+    cdf = logits.to(torch.float64, copy=True)  # becomes the tail's cumulative (unnormalized) probabilities, in place
+    if top_ids.shape[1]:
+        cdf.scatter_(1, top_ids.long(), _NEG_INF)
+    row_max = cdf.amax(1, keepdim=True)
     has_tail = torch.isfinite(row_max[:, 0])
-    cdf = (tail - torch.where(torch.isfinite(row_max), row_max, 0.0)).exp_().cumsum_(1)
+    cdf.sub_(torch.where(torch.isfinite(row_max), row_max, 0.0)).exp_().cumsum_(1)
     total = cdf[:, -1:]
     # cdf[i-1] <= u * total < cdf[i]: id i, with probability (cdf[i] - cdf[i-1]) / total; ids with zero
     # probability (the top-k, padding) have cdf[i] == cdf[i-1] and are never hit.
@@ -71,13 +72,6 @@ def draw_tail(logits: torch.Tensor, top_ids: torch.Tensor, uniforms: torch.Tenso
     counts = torch.where(has_tail[:, None], counts, 0)
     real = counts > 0
     ids = torch.where(real, ids, 0)
-    logprobs = torch.where(real, x.gather(1, ids) - log_z[:, None], _NEG_INF).float()
+    logprobs = torch.where(real, logits.gather(1, ids).double() - log_z[:, None], _NEG_INF).float()
     return TailSamples(ids, counts, logprobs)
 
-
-def sampled_target(tail_logmass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """log p_hat of the sampled ids, log r + log(c_j / U) with U = the row's number of draws (the sum
-    of its counts); -inf on padding (count 0)."""
-    c = counts.double()
-    draws = c.sum(1, keepdim=True).clamp(min=1)
-    return (tail_logmass.double()[:, None] + torch.log(c / draws)).masked_fill(c == 0, _NEG_INF)
