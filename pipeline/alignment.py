@@ -22,7 +22,7 @@ the answer is trained).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +43,26 @@ class _Turn:
     first: int  # start of its first located text (reasoning, else answer)
     answer: tuple[int, int]  # the answer's non-whitespace core
     segment_start: int  # end of the previous located text: the turn's header lies in between
+    cores: list[tuple[int, int]] = field(default_factory=list)  # its located texts: reasoning, answer
+
+
+@dataclass
+class AssistantPieces:
+    """Where one assistant turn's own text and end-of-turn token lie in a rendering (character offsets)."""
+
+    cores: list[tuple[int, int]]  # the message's reasoning and answer text, non-empty, in order
+    eot: tuple[int, int] | None  # the end-of-turn token after the answer (None: the template writes none)
+
+
+@dataclass
+class Encoding:
+    """A conversation rendered and tokenized: what cross-tokenizer alignment needs of each side."""
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]  # each token's characters in `text`
+    positions: list[int]  # response tokens
+    pieces: list[AssistantPieces]  # per assistant turn
 
 
 class ChatRenderer:
@@ -70,21 +90,31 @@ class ChatRenderer:
 
     def tokenize(self, messages: list[Message], where: str) -> tuple[list[int], list[int]]:
         """(input ids of the whole conversation, indices t >= 1 of its response tokens)."""
-        text, spans = self.response_spans(messages, where)
+        encoding = self.encode(messages, where)
+        return encoding.input_ids, encoding.positions
+
+    def encode(self, messages: list[Message], where: str) -> Encoding:
+        """The rendering, its tokens with character offsets, the response tokens and each turn's pieces."""
+        text, spans, turns = self._spans(messages, where)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in encoded["offset_mapping"]]
         trained = np.zeros(len(text) + 1, dtype=np.int64)
         for start, end in spans:
             trained[start + 1 : end + 1] = 1
         cumulative = np.cumsum(trained)  # cumulative[c] = trained characters before c
         positions = [
             t
-            for t, (start, end) in enumerate(encoded["offset_mapping"])
+            for t, (start, end) in enumerate(offsets)
             if t >= 1 and cumulative[min(max(end, start + 1), len(text))] > cumulative[min(start, len(text))]
         ]
-        return list(encoded["input_ids"]), positions
+        pieces = [self._pieces(text, turn) for turn in turns]
+        return Encoding(text, list(encoded["input_ids"]), offsets, positions, pieces)
 
     def response_spans(self, messages: list[Message], where: str) -> tuple[str, list[tuple[int, int]]]:
         """The whole rendering and its trained character spans (sorted, disjoint)."""
+        return self._spans(messages, where)[:2]
+
+    def _spans(self, messages: list[Message], where: str) -> tuple[str, list[tuple[int, int]], list[_Turn]]:
         text, generation_blocks = self._render(messages, False, where)
         turns = self._locate_turns(messages, text, where)
         ends = [turn.answer[1] + self._end_marker(text, turn.answer[1]) for turn in turns]
@@ -96,7 +126,14 @@ class ChatRenderer:
             # Everything from the previous turn's end to this answer: the think block, never a response.
             holes = [(start, turn.answer[0]) for start, turn in zip([0, *ends][: len(turns)], turns, strict=True)]
             spans = _subtract(spans, [(s, e) for s, e in holes if THINK_CLOSE in text[s:e]])
-        return text, [(s, e) for s, e in spans if e > s]
+        return text, [(s, e) for s, e in spans if e > s], turns
+
+    def _pieces(self, text: str, turn: _Turn) -> AssistantPieces:
+        """A turn's own message text (non-empty cores) and its end-of-turn token, as character spans."""
+        marker = self._end_marker(text, turn.answer[1])
+        rest = text[turn.answer[1] : turn.answer[1] + marker]
+        eot = (turn.answer[1] + len(rest) - len(rest.lstrip()), turn.answer[1] + marker) if marker else None
+        return AssistantPieces([c for c in turn.cores if c[1] > c[0]], eot)
 
     def _locate_turns(self, messages: list[Message], text: str, where: str) -> list[_Turn]:
         salt = _free_salt(messages)
@@ -130,6 +167,7 @@ class ChatRenderer:
                 turns[i] = _Turn(first=start, answer=(start, start + len(core)), segment_start=previous_end)
             if kind == "answer":
                 turns[i].answer = (start, start + len(core))
+            turns[i].cores.append((start, start + len(core)))
             previous_end = start + len(core)
         rebuilt.append(sentinel_text[cursor:])
         answers = {sentinel for sentinel, (_, kind, _) in cores.items() if kind == "answer"}

@@ -76,6 +76,10 @@ class DistillationConfig:
     max_seq_length: int = 2048
     teacher_weights: list[float] | None = None
     chunk_size: int = 1024  # response positions per output-head chunk in the loss
+    # A teacher whose tokenizer differs from the student's (pipeline.cross_tokenizer): which loss aligns
+    # them. null = the tokenizers must match (same-tokenizer KD).
+    cross_tokenizer: Literal["uld", "chunk", "chunk+shared"] | None = None
+    chunk_temperature: float = 1.0  # tau of the chunk-likelihood loss: chunk probabilities P^(1/tau)
 
 
 @dataclass
@@ -129,6 +133,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "distillation.temperature": (lambda v: v > 0, "a number > 0"),
     "distillation.max_seq_length": (lambda v: v >= 2, "an integer >= 2"),
     "distillation.chunk_size": (lambda v: v >= 1, "an integer >= 1"),
+    "distillation.chunk_temperature": (lambda v: v > 0, "a number > 0"),
     "distillation.teacher_weights": (
         lambda v: v is None or (len(v) > 0 and all(w >= 0 for w in v) and sum(v) > 0),
         "a list of non-negative numbers with a positive sum, one per teacher",
@@ -228,6 +233,18 @@ def _check_cross_section(config: Config) -> None:
             "`inference.top_logits_num` is 0 and `inference.tail_samples` is 0: the cache would hold no "
             "teacher targets. Set top_logits_num >= 1, or tail_samples >= 1 for a purely sampled cache."
         )
+    distillation = config.distillation
+    if distillation.cross_tokenizer is not None:
+        if distillation.temperature != 1:
+            raise UserError(
+                f"`distillation.temperature` is {distillation.temperature}, but the cross-tokenizer losses "
+                "compare untempered likelihoods: set it to 1 (the chunk loss has `chunk_temperature`)."
+            )
+        if len(config.models.teacher) > 1:
+            raise UserError(
+                f"`distillation.cross_tokenizer` takes one teacher; `models.teacher` lists "
+                f"{len(config.models.teacher)}. Distil from one teacher at a time."
+            )
     weights = config.distillation.teacher_weights
     if weights is not None and config.models.teacher and len(weights) != len(config.models.teacher):
         raise UserError(

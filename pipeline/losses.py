@@ -57,6 +57,8 @@ class KDLossSpec:
     tail: TailMode = "auto"
     teacher_weights: tuple[float, ...] = (1.0,)
     target_class: bool = False
+    cross_tokenizer: str | None = None  # pipeline.cross_tokenizer.loss: "uld", "chunk" or "chunk+shared"
+    chunk_temperature: float = 1.0
 
     @classmethod
     def from_config(cls, distillation, num_teachers: int) -> KDLossSpec:
@@ -70,6 +72,8 @@ class KDLossSpec:
             tail=distillation.tail,
             teacher_weights=tuple(w / total for w in weights),
             target_class=distillation.target_class,
+            cross_tokenizer=distillation.cross_tokenizer,
+            chunk_temperature=distillation.chunk_temperature,
         )
 
     def token_weights(self, num_tokens: int | Tensor) -> tuple[float | Tensor, float | Tensor]:

@@ -86,7 +86,8 @@ def check_cache_tokenizer(cache_dir: Path | str, identity: dict[str, Any], token
         f"The cache {cache_dir} was made with a different tokenizer than the student's "
         f"(vocabulary {found.get('vocab_size')} vs {fingerprint['vocab_size']} tokens, hash "
         f"{str(found.get('hash'))[:12]} vs {fingerprint['hash'][:12]}): its token ids would mean other "
-        "tokens to the student. Use a student that shares the teacher's tokenizer."
+        "tokens to the student. Use a student that shares the teacher's tokenizer, or distil across "
+        "tokenizers with `distillation.cross_tokenizer` (chunk, chunk+shared or uld; see the README)."
     )
 
 

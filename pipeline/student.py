@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from pipeline.cross_tokenizer.loss import CrossRows, cross_loss_and_grad
 from pipeline.errors import UserError
 from pipeline.head_loss import DistillationHead, HeadRequest
 from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, with_target_class
@@ -157,7 +158,7 @@ def distillation_loss(
     under FSDP2 or ZeRO-3 it reads the gathered weight; a plain Linear is applied after the forward.
     """
     w_ce, w_kd = spec.token_weights(num_tokens)
-    teachers = teacher_rows(batch, spec.target_class)
+    teachers = batch["cross"] if "cross" in batch else teacher_rows(batch, spec.target_class)
 
     def loss_fn(rows: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         return ChunkedHeadLoss.apply(rows, weight, bias, batch["targets"], teachers, spec, w_ce, w_kd, chunk_size)
@@ -187,7 +188,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         targets: Tensor,
-        teachers: list[TeacherRows],
+        teachers: list[TeacherRows] | CrossRows,
         spec: KDLossSpec,
         w_ce: float | Tensor,
         w_kd: float | Tensor,
@@ -209,19 +210,26 @@ class ChunkedHeadLoss(torch.autograd.Function):
         b = None if bias is None else bias.to(mm_dtype)
         # One logits buffer for all chunks: each chunk's logits become its gradient in place and are
         # dead after the two matmuls, and a fresh [chunk, vocab] allocation costs page faults each time.
-        workspace = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=mm_dtype)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = min(chunk_size, hidden.shape[0] - start)
+        bounds = _row_chunks(hidden.shape[0], chunk_size, teachers)
+        workspace = hidden.new_empty((max((e - s for s, e in bounds), default=0), weight.shape[0]), dtype=mm_dtype)
+        for start, end in bounds:
+            rows = end - start
             h = hidden.narrow(0, start, rows).to(mm_dtype)
             z = workspace.narrow(0, 0, rows)
             if b is None:
                 torch.matmul(h, w.t(), out=z)
             else:
                 torch.addmm(b, h, w.t(), out=z)
-            ce, kd, dz = chunk_loss_and_grad(
-                z.float(), targets.narrow(0, start, rows), [t.narrow(start, rows) for t in teachers], spec,
-                w_ce, w_kd,
-            )
+            if isinstance(teachers, CrossRows):
+                ce, kd, dz = cross_loss_and_grad(
+                    z.float(), targets.narrow(0, start, rows), teachers.narrow(start, rows),
+                    spec.cross_tokenizer, spec.chunk_temperature, w_ce, w_kd,
+                )
+            else:
+                ce, kd, dz = chunk_loss_and_grad(
+                    z.float(), targets.narrow(0, start, rows), [t.narrow(start, rows) for t in teachers], spec,
+                    w_ce, w_kd,
+                )
             ce_total += ce
             kd_total += kd
             if grad_hidden is not None:
@@ -245,6 +253,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _row_chunks(n: int, chunk_size: int, teachers: list[TeacherRows] | CrossRows) -> list[tuple[int, int]]:
+    """The head's row ranges: `chunk_size` rows each, except that an aligned cross-tokenizer chunk is never split."""
+    if isinstance(teachers, CrossRows):
+        return teachers.chunk_bounds(chunk_size)
+    return [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
 
 
 def _matmul_scaled(dz: Tensor, w: Tensor) -> Tensor:

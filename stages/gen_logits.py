@@ -141,7 +141,7 @@ def _checked_tokenizer(config: Config) -> Any:
     reference = load_tokenizer(teachers[0], "teacher")
     for teacher in teachers[1:]:
         check_same_vocab(reference, str(teachers[0]), load_tokenizer(teacher, "teacher"), str(teacher))
-    if config.models.student is not None:
+    if config.models.student is not None and not config.distillation.cross_tokenizer:
         student = load_tokenizer(config.models.student, "student")
         check_same_vocab(reference, str(teachers[0]), student, str(config.models.student))
     k, vocab = config.inference.top_logits_num, len(reference)

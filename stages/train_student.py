@@ -1,8 +1,8 @@
 """`pipeline train-student`: stream the logit cache into a LoRA (or fully trained) student.
 
-Recipe: check config -> open the cache(s), checking the student's tokenizer against the cache's ->
-student + LoRA -> KDTrainer (transformers.Trainer driven by the `training` section) -> adapter (or full
-model), tokenizer, resolved config and final metrics in `training.output_dir`; `merged_model/` on
+Recipe: check config -> open the cache(s), checking the student's tokenizer against the cache's (or,
+with `distillation.cross_tokenizer`, aligning the student's tokenization with the teacher's) -> student +
+LoRA -> KDTrainer (transformers.Trainer driven by the `training` section) -> adapter (or full model), tokenizer, resolved config and final metrics in `training.output_dir`; `merged_model/` on
 request. Works under `torchrun` (DDP, gloo on CPU; `training.fsdp` for FSDP2, `training.deepspeed` for ZeRO,
 both through accelerate): each rank reads its own slice of the cache.
 """
@@ -21,6 +21,7 @@ import torch
 
 from pipeline.cache import LogitCacheReader
 from pipeline.config import Config
+from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
 from pipeline.errors import UserError
 from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
 from pipeline.lora import wrap_student
@@ -45,10 +46,15 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
     tokenizer = load_tokenizer(student_path, role="student")
     readers = open_caches(config, tokenizer)
     loss_spec = KDLossSpec.from_config(config.distillation, len(readers))
-    try:  # before the model loads: a sampled cache with a loss it cannot serve fails at once
-        check_tail_settings(loss_spec, [(r.manifest.kind, r.k) for r in readers])
-    except ValueError as exc:
-        raise UserError(f"`distillation` settings: {exc}") from None
+    alignment = None
+    if config.distillation.cross_tokenizer:  # the student's own tokens, aligned with the teacher's
+        collate_fn, alignment = prepare_cross_tokenizer(config, readers[0], tokenizer)
+    else:
+        collate_fn = _collator(tokenizer, config.distillation.max_seq_length)
+        try:  # before the model loads: a sampled cache with a loss it cannot serve fails at once
+            check_tail_settings(loss_spec, [(r.manifest.kind, r.k) for r in readers])
+        except ValueError as exc:
+            raise UserError(f"`distillation` settings: {exc}") from None
     checkpoint = _checkpoint(output_dir, resume, get_last_checkpoint)
 
     training = dict(config.training)
@@ -66,7 +72,7 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
         rank=args.process_index,
         world_size=args.world_size,
         batch_size=args.per_device_train_batch_size,
-        collate_fn=_collator(tokenizer, config.distillation.max_seq_length),
+        collate_fn=collate_fn,
     )
     if args.max_steps <= 0:  # an endless stream: the epochs become steps (same count on every rank)
         most = math.ceil(readers[0].rank_num_samples(0, args.world_size) / args.per_device_train_batch_size)
@@ -104,6 +110,8 @@ def run(config: Config, *, resume: bool) -> dict[str, Any]:
         "epochs": trainer.state.epoch,
         "last_log": next((e for e in reversed(trainer.state.log_history) if "kd" in e), None),
     }
+    if alignment is not None:
+        metrics["cross_tokenizer_alignment"] = alignment
     summary = {"output_dir": str(output_dir), "metrics": metrics}
     if trainer.is_world_process_zero():
         (output_dir / RESOLVED_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -144,8 +152,14 @@ def open_caches(config: Config, tokenizer: Any) -> list[LogitCacheReader]:
                 "subfolder): run gen-logits first."
             )
     readers = [LogitCacheReader(d) for d in dirs]
+    cross = config.distillation.cross_tokenizer
+    if cross and len(readers) > 1:
+        raise UserError(
+            f"`distillation.cross_tokenizer` distils from one teacher cache; {root} holds {len(readers)}."
+        )
     for reader in readers:
-        check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer)
+        if not cross:  # across tokenizers the ids are never compared: the text is aligned instead
+            check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer)
     teachers = [str(t) for t in config.models.teacher]
     if len(readers) > 1:
         readers = _in_teacher_order(readers, teachers, config.distillation.teacher_weights, root)

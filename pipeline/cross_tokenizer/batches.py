@@ -1,0 +1,141 @@
+"""Cache rows (the teacher's tokens) + alignments -> the student's batches for the cross-tokenizer losses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.cross_tokenizer.alignment import SampleAlignment
+from pipeline.cross_tokenizer.loss import CrossRows
+from pipeline.records import CacheSample
+
+
+@dataclass
+class AlignmentReport:
+    """What the alignment covers, summed over the cache: printed at the start and kept in metrics.json."""
+
+    samples: int = 0
+    response_chars: int = 0
+    aligned_chars: int = 0
+    chunks: int = 0
+    one_to_one_chunks: int = 0
+    student_rows: int = 0
+    rows_in_chunks: int = 0
+    shared_mass: float = 0.0  # sum over 1:1 rows of the teacher top-k mass whose tokens the student has
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, a: SampleAlignment, teacher_row_mass: np.ndarray | None) -> None:
+        self.samples += 1
+        self.response_chars += a.response_chars
+        self.aligned_chars += a.aligned_chars
+        self.chunks += a.num_chunks
+        self.one_to_one_chunks += int((a.one_to_one >= 0).sum())
+        self.student_rows += len(a.positions)
+        self.rows_in_chunks += int((a.chunk_of_row >= 0).sum())
+        if teacher_row_mass is not None:
+            self.shared_mass += float(teacher_row_mass[a.one_to_one[a.one_to_one >= 0]].sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        def share(part: float, whole: float) -> float:
+            return part / whole if whole else 0.0
+
+        return {
+            "samples": self.samples,
+            "aligned_char_share": share(self.aligned_chars, self.response_chars),
+            "chunks": self.chunks,
+            "chars_per_chunk": share(self.aligned_chars, self.chunks),
+            "shared_vocab_chunk_share": share(self.one_to_one_chunks, self.chunks),
+            "shared_vocab_topk_mass": share(self.shared_mass, self.one_to_one_chunks),
+            "student_rows_in_chunks": share(self.rows_in_chunks, self.student_rows),
+        }
+
+
+class CrossCollator:
+    """collate() for a cross-tokenizer run: the student's tokens and a CrossRows teacher signal.
+
+    items: per sample, its CacheSample from the one teacher. Picklable (DataLoader workers).
+    """
+
+    def __init__(self, alignments: dict[str, SampleAlignment], shared_map: np.ndarray, pad_id: int):
+        self.alignments = alignments
+        self.shared_map = torch.from_numpy(shared_map)
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[Sequence[CacheSample]]) -> dict[str, Any]:
+        aligned = [self.alignments[item[0].sample_id] for item in items]
+        length = max(len(a.input_ids) for a in aligned)
+        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        rows, cols, chunks, chunk_logprobs, shared, uld = [], [], [], [], [], []
+        chunk_base = 0
+        for b, (item, a) in enumerate(zip(items, aligned, strict=True)):
+            teacher = item[0]
+            input_ids[b, : len(a.input_ids)] = torch.from_numpy(a.input_ids)
+            attention_mask[b, : len(a.input_ids)] = 1
+            positions = torch.from_numpy(a.positions)
+            rows.append(torch.full_like(positions, b))
+            cols.append(positions - 1)
+            chunk = torch.from_numpy(a.chunk_of_row)
+            chunks.append(torch.where(chunk >= 0, chunk + chunk_base, chunk))
+            logprob = torch.zeros(a.num_chunks, dtype=torch.float64)
+            chunk_ids, teacher_rows = torch.from_numpy(a.chunk_teacher)
+            logprob.index_add_(0, chunk_ids, teacher.target_logprobs.double()[teacher_rows])
+            chunk_logprobs.append(logprob)
+            chunk_base += a.num_chunks
+            shared.append(self._shared(teacher, torch.from_numpy(a.one_to_one)))
+            uld.append(_paired_probs(teacher, torch.from_numpy(a.paired)))
+        row_index, col_index = torch.cat(rows), torch.cat(cols)
+        cross = CrossRows(
+            chunk=torch.cat(chunks),
+            chunk_logprob=torch.cat(chunk_logprobs),
+            shared_ids=torch.cat([s[0] for s in shared]),
+            shared_logprobs=torch.cat([s[1] for s in shared]),
+            shared_rest=torch.cat([s[2] for s in shared]),
+            uld_probs=torch.cat(uld),
+        )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "row_index": row_index,
+            "col_index": col_index,
+            "targets": input_ids[row_index, col_index + 1],
+            "cross": cross,
+        }
+
+    def _shared(self, teacher: CacheSample, teacher_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The teacher's top-k of each 1:1 row, in student ids; the rest mass log(1 - sum p) in float64."""
+        n, k = len(teacher_row), teacher.topk_ids.shape[1]
+        has = teacher_row >= 0
+        ids = torch.zeros((n, k), dtype=torch.long)
+        logprobs = torch.full((n, k), -math.inf)
+        rest = torch.full((n,), math.nan)
+        if has.any() and k:
+            source = teacher_row[has]
+            mapped = self.shared_map[teacher.topk_ids[source].clamp(min=0, max=len(self.shared_map) - 1)]
+            lp = teacher.topk_logprobs[source].masked_fill(mapped < 0, -math.inf)
+            ids[has] = mapped.clamp(min=0)
+            logprobs[has] = lp
+            mass = lp.double().exp().sum(1)
+            rest[has] = torch.log1p(-mass.clamp(max=1.0)).float()
+        return ids, logprobs, rest
+
+
+def _paired_probs(teacher: CacheSample, teacher_row: torch.Tensor) -> torch.Tensor:
+    """The paired teacher row's top-k probabilities (descending, as cached); NaN rows where unpaired."""
+    k = teacher.topk_logprobs.shape[1]
+    out = torch.full((len(teacher_row), k), math.nan)
+    has = teacher_row >= 0
+    if has.any():
+        out[has] = teacher.topk_logprobs[teacher_row[has]].exp()
+    return out
+
+
+def shared_topk_mass(sample: CacheSample, shared_map: np.ndarray) -> np.ndarray:
+    """Per teacher row, the top-k probability mass on tokens that the student's vocabulary has too."""
+    ids = sample.topk_ids.numpy()
+    mapped = shared_map[np.clip(ids, 0, len(shared_map) - 1)] >= 0
+    return (np.exp(sample.topk_logprobs.numpy().astype(np.float64)) * mapped).sum(1)

@@ -1,0 +1,132 @@
+"""Everything a cross-tokenizer run needs before training: both renderers, every sample's alignment,
+the shared vocabulary and the coverage report; each check fails naming the config key or sample."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.alignment import ChatRenderer
+from pipeline.cache import LogitCacheReader
+from pipeline.config import Config
+from pipeline.cross_tokenizer.alignment import CrossAligner
+from pipeline.cross_tokenizer.batches import AlignmentReport, CrossCollator, shared_topk_mass
+from pipeline.cross_tokenizer.vocab import shared_vocab_map
+from pipeline.data import read_records, read_template, to_messages
+from pipeline.errors import UserError
+from pipeline.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def prepare_cross_tokenizer(
+    config: Config, reader: LogitCacheReader, student_tokenizer: Any
+) -> tuple[CrossCollator, dict[str, Any]]:
+    """(the collator of the student's batches, the alignment report) for one teacher cache."""
+    identity = reader.manifest.identity
+    loss = config.distillation.cross_tokenizer
+    if identity.get("sampling"):
+        raise UserError(
+            f"The cache {reader.cache_dir} holds the teacher's own generated responses (gen-logits mode "
+            "`generate`); cross-tokenizer training reads each response's text from `dataset.labeled_path`. "
+            "Write the generated responses into a labeled dataset and score it (mode `score`)."
+        )
+    if loss in ("uld", "chunk+shared") and reader.k == 0:
+        raise UserError(
+            f"`distillation.cross_tokenizer: {loss}` compares the teacher's top-k, but the cache "
+            f"{reader.cache_dir} is purely sampled (k = 0): use `chunk`, or a cache with top_logits_num > 0."
+        )
+    teacher_tokenizer = load_tokenizer(_teacher_tokenizer_path(config, identity), role="teacher")
+    records = _records(config, identity)
+    reasoning = identity.get("dataset", {}).get("reasoning", config.dataset.reasoning)
+    teacher = ChatRenderer(teacher_tokenizer, _teacher_template(config, identity, teacher_tokenizer), reasoning)
+    try:
+        student = ChatRenderer(student_tokenizer, None, reasoning)
+    except UserError:
+        raise UserError(
+            "The student's tokenizer has no chat template: cross-tokenizer training renders each conversation "
+            "with the student's own template (`dataset.template` is the teacher's, the one the cache was "
+            "made with). Give the student's tokenizer_config.json a chat_template."
+        ) from None
+    aligner = CrossAligner(teacher, student, config.distillation.max_seq_length)
+    shared_map = shared_vocab_map(teacher_tokenizer, student_tokenizer, aligner.end_of_turn_pair())
+    alignments, report = {}, AlignmentReport()
+    for sample in reader.iter_samples(shuffle=False, seed=0):
+        where = f"{config.dataset.labeled_path} (sample {sample.sample_id!r})"
+        messages = records.get(sample.sample_id)
+        if messages is None:
+            raise UserError(f"The cache holds sample {sample.sample_id!r}, which {config.dataset.labeled_path} lacks.")
+        alignment = aligner.align(
+            sample.sample_id, messages, sample.input_ids.numpy(), sample.positions.numpy(), where
+        )
+        alignments[sample.sample_id] = alignment
+        report.add(alignment, shared_topk_mass(sample, shared_map) if reader.k else None)
+    summary = {
+        "loss": loss,
+        "shared_vocab_tokens": int((shared_map >= 0).sum()),
+        "teacher_vocab": len(shared_map),
+        **report.to_dict(),
+    }
+    log.info(
+        "cross-tokenizer alignment (%s): %.1f%% of %d response characters in %d aligned chunks (%.2f chars "
+        "each); %.1f%% of the chunks are one token on both sides (the shared-vocabulary term), where the "
+        "student's vocabulary holds %.1f%% of the teacher's top-k mass; %d of %d teacher tokens shared",
+        loss, 100 * summary["aligned_char_share"], report.response_chars, report.chunks,
+        summary["chars_per_chunk"], 100 * summary["shared_vocab_chunk_share"],
+        100 * summary["shared_vocab_topk_mass"], summary["shared_vocab_tokens"], summary["teacher_vocab"],
+    )
+    pad_id = student_tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = student_tokenizer.eos_token_id or 0
+    return CrossCollator(alignments, shared_map, pad_id), summary
+
+
+def _teacher_tokenizer_path(config: Config, identity: dict[str, Any]) -> str:
+    """The tokenizer that made the cache's ids: `models.teacher` if it is here, else the recorded path."""
+    recorded = str(identity.get("tokenizer", {}).get("path") or identity.get("teacher", {}).get("path"))
+    for candidate in [*(str(t) for t in config.models.teacher), recorded]:
+        if Path(candidate).is_dir():
+            return candidate
+    raise UserError(
+        f"Cross-tokenizer training needs the teacher's tokenizer, which made the cache's token ids ({recorded}, "
+        "recorded in the cache), and it is not on this machine: set `models.teacher` to a local copy of the "
+        "teacher (its tokenizer files suffice)."
+    )
+
+
+def _records(config: Config, identity: dict[str, Any]) -> dict[str, list]:
+    path = config.dataset.labeled_path
+    if path is None:
+        raise UserError(
+            "`dataset.labeled_path` is not set: cross-tokenizer training renders each cached conversation "
+            "again with the student's template, from the dataset the cache was made from."
+        )
+    recorded = identity.get("dataset", {}).get("sha256")
+    if recorded and recorded != hashlib.sha256(Path(path).read_bytes()).hexdigest():
+        raise UserError(
+            f"`dataset.labeled_path` {path} is not the file the cache was made from (its sha256 differs from "
+            f"the one recorded, {recorded[:12]}): point it at that dataset."
+        )
+    out = {}
+    for index, (where, record) in enumerate(read_records(Path(path))):
+        sample_id, messages = to_messages(record, index, where, require_response=False)
+        out[sample_id] = messages
+    return out
+
+
+def _teacher_template(config: Config, identity: dict[str, Any], tokenizer: Any) -> str | None:
+    """The chat template the cache was rendered with: `dataset.template`, else the teacher's own."""
+    recorded = identity.get("dataset", {}).get("template_sha256")
+    own = getattr(tokenizer, "chat_template", None) or ""
+    custom = read_template(config.dataset.template)
+    for template in ([custom] if custom else []) + [own]:
+        if recorded is None or hashlib.sha256(template.encode()).hexdigest() == recorded:
+            return template or None
+    raise UserError(
+        "The cache was rendered with a chat template that is neither `dataset.template` nor the teacher "
+        "tokenizer's own (the recorded template_sha256 matches neither): set `dataset.template` to the template "
+        "gen-logits used."
+    )
+
