@@ -2,9 +2,10 @@
 
 Recipe: check config -> open the cache(s), checking the student's tokenizer against the cache's (or,
 with `distillation.cross_tokenizer`, aligning the student's tokenization with the teacher's) -> student +
-LoRA -> KDTrainer (transformers.Trainer driven by the `training` section) -> adapter (or full model), tokenizer, resolved config and final metrics in `training.output_dir`; `merged_model/` on
-request. Works under `torchrun` (DDP, gloo on CPU; `training.fsdp` for FSDP2, `training.deepspeed` for ZeRO,
-both through accelerate): each rank reads its own slice of the cache.
+LoRA -> KDTrainer (transformers.Trainer driven by the `training` section) -> adapter (or full model),
+tokenizer, resolved config and final metrics in `training.output_dir`; `merged_model/` on request. Works
+under `torchrun` (DDP, gloo on CPU; `training.fsdp` for FSDP2, `training.deepspeed` for ZeRO, both through
+accelerate): each rank reads its own slice of the cache.
 """
 
 from __future__ import annotations

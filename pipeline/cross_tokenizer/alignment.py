@@ -226,7 +226,8 @@ def _check_decodes(encoding: Encoding, side: str, tokenizer: Any, sample_id: str
             decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             core = encoding.text[start:end]
             if core not in decoded:
-                first = next((i for i, (x, y) in enumerate(zip(core, decoded, strict=False)) if x != y), min(len(core), len(decoded)))
+                pairs = enumerate(zip(core, decoded, strict=False))
+                first = next((i for i, (x, y) in pairs if x != y), min(len(core), len(decoded)))
                 raise UserError(
                     f"{where}: sample {sample_id!r}: the {side} tokenizer does not decode the assistant text back "
                     f"to itself (at character {first}: {core[max(0, first - 20):first + 20]!r} decodes as "
