@@ -79,7 +79,7 @@ class DistillationConfig:
     # A teacher whose tokenizer differs from the student's (pipeline.cross_tokenizer): which loss aligns
     # them. null = the tokenizers must match (same-tokenizer KD).
     cross_tokenizer: Literal["uld", "chunk", "chunk+shared"] | None = None
-    chunk_temperature: float = 1.0  # tau of the chunk-likelihood loss: chunk probabilities P^(1/tau)
+    chunk_temperature: float = 10.0  # tau of the chunk-likelihood loss (pipeline.cross_tokenizer.loss)
 
 
 @dataclass

@@ -58,7 +58,7 @@ class KDLossSpec:
     teacher_weights: tuple[float, ...] = (1.0,)
     target_class: bool = False
     cross_tokenizer: str | None = None  # pipeline.cross_tokenizer.loss: "uld", "chunk" or "chunk+shared"
-    chunk_temperature: float = 1.0
+    chunk_temperature: float = 10.0
 
     @classmethod
     def from_config(cls, distillation, num_teachers: int) -> KDLossSpec:

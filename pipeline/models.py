@@ -60,7 +60,8 @@ def check_same_vocab(reference: Any, reference_name: str, other: Any, other_name
     if diffs:
         raise UserError(
             f"The tokenizers of {reference_name} and {other_name} map tokens to different ids "
-            f"({len(diffs)} differ), so a cache of one cannot teach the other. First differences: "
+            f"({len(diffs)} differ), so a cache of one cannot teach the other token by token (to distil "
+            "across tokenizers, set `distillation.cross_tokenizer`; see the README). First differences: "
             + "; ".join(diffs[:5])
         )
 

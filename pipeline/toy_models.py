@@ -29,6 +29,7 @@ __all__ = [
     "PROFILES",
     "ToyAssets",
     "build_model",
+    "ensure_cross_assets",
     "ensure_toy_assets",
     "heldout_stats",
     "local_corpus",
@@ -49,8 +50,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 8192, corpus: list[str] | None = None) -> Path:
-    """Train a byte-level BPE (deterministic for a given corpus) and save it as a HF tokenizer dir."""
+# A second family for cross-tokenizer distillation: Llama 3's turn format and special tokens.
+LLAMA_SPECIALS = ("<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA_CHAT_TEMPLATE = (
+    "{{- '<|begin_of_text|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def train_tokenizer(
+    out_dir: Path, vocab_size: int = 8192, corpus: list[str] | None = None, style: str = "chatml"
+) -> Path:
+    """Train a byte-level BPE (deterministic for a given corpus) and save it as a HF tokenizer dir.
+
+    style "chatml": Qwen2's special tokens and ChatML; "llama": Llama 3's special tokens and turn format.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,19 +75,20 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 8192, corpus: list[str] | N
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [ENDOFTEXT, IM_START, IM_END] if style == "chatml" else list(LLAMA_SPECIALS)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[ENDOFTEXT, IM_START, IM_END],  # ids 0, 1, 2
+        special_tokens=specials,  # ids 0, 1, 2, ...
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte stays encodable
         show_progress=False,
     )
     tok.train_from_iterator(local_corpus("teacher") if corpus is None else corpus, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        extra_special_tokens=[IM_START],
-        chat_template=CHAT_TEMPLATE,
+        eos_token=IM_END if style == "chatml" else "<|eot_id|>",
+        pad_token=ENDOFTEXT if style == "chatml" else "<|end_of_text|>",
+        extra_special_tokens=[IM_START] if style == "chatml" else list(LLAMA_SPECIALS[1:4]),
+        chat_template=CHAT_TEMPLATE if style == "chatml" else LLAMA_CHAT_TEMPLATE,
         model_max_length=4096,
         clean_up_tokenization_spaces=False,  # keep decode(encode(code)) == code
     )
@@ -96,7 +114,7 @@ def build_model(
     if hidden_size != HEAD_DIM * num_heads:
         raise ValueError(f"head_dim must be {HEAD_DIM}: hidden_size {hidden_size} / num_heads {num_heads}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eot, eos = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    eot, eos = tokenizer.pad_token_id, tokenizer.eos_token_id  # end of text, end of turn
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -143,7 +161,7 @@ def parameter_counts(model_dir: Path) -> dict[str, Any]:
 
 def _packed_stream(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
     """All texts as one token stream, documents separated by <|endoftext|> (ordinary LM pre-training)."""
-    eot = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    eot = tokenizer.pad_token_id  # the end-of-text token
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     stream = torch.tensor([i for enc in encodings for i in (*enc.ids, eot)], dtype=torch.long)
     if len(stream) <= seq_len:
@@ -414,7 +432,7 @@ def ensure_toy_assets(root: Path, *, profile: str = "demo") -> ToyAssets:
 
         def build_tokenizer(path: Path) -> dict[str, Any]:
             corpus = local_corpus(tok_params["split"], max_chars=tok_params["corpus_chars"])
-            train_tokenizer(path, tok_params["vocab_size"], corpus)
+            train_tokenizer(path, tok_params["vocab_size"], corpus, tok_params.get("style", "chatml"))
             return {}
 
         _ensure(tokenizer_dir, tok_params, build_tokenizer)
@@ -426,6 +444,35 @@ def ensure_toy_assets(root: Path, *, profile: str = "demo") -> ToyAssets:
     teacher_info = {**teacher["params"]["model"], "vocab_size": tok_params["vocab_size"], **teacher["result"]}
     print(f"[toy] teacher {teacher_name}: output head {100 * teacher_info['head_share']:.1f}% of parameters")
     return ToyAssets(tokenizer_dir, root / teacher_name, root / student_name, teacher_info)
+
+
+# Cross-tokenizer distillation: a student of the profile's size whose tokenizer has another vocabulary
+# size, was trained on other text and writes Llama 3's turn format (the teacher's is ChatML).
+CROSS_STUDENTS = {
+    "demo": ("tokenizer-6k-llama", {"vocab_size": 6000, "split": "student", "corpus_chars": 2_000_000,
+                                    "style": "llama"}, "student-small-llama"),
+    "test": ("tokenizer-test-llama", {"vocab_size": 400, "split": "student", "corpus_chars": 100_000,
+                                      "style": "llama"}, "student-test-llama"),
+}
+
+
+def ensure_cross_assets(root: Path, *, profile: str = "demo") -> tuple[ToyAssets, Path]:
+    """(the profile's assets, a student built and pre-trained like the profile's but on another tokenizer)."""
+    assets = ensure_toy_assets(root, profile=profile)
+    tok_name, tok_spec, student_name = CROSS_STUDENTS[profile]
+    tok_params = {**tok_spec, "python": list(sys.version_info[:2])}
+    student_spec = PROFILES[profile]["student"][1]
+    root = Path(root)
+    with _locked(root):
+
+        def build_tokenizer(path: Path) -> dict[str, Any]:
+            corpus = local_corpus(tok_params["split"], max_chars=tok_params["corpus_chars"])
+            train_tokenizer(path, tok_params["vocab_size"], corpus, tok_params["style"])
+            return {}
+
+        _ensure(root / tok_name, tok_params, build_tokenizer)
+        _ensure_model(root / student_name, student_spec, root / tok_name, tok_params)
+    return assets, root / student_name
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def reference(z, targets, rows: CrossRows, loss: str, tau: float, w_ce: float, w
             l_s = logq[members, targets[members]].sum()
             p = torch.exp(rows.chunk_logprob[c] / tau)
             qq = torch.exp(l_s / tau)
-            kd = kd + p * torch.log(p / qq) + (1 - p) * torch.log((1 - p) / (1 - qq))
+            kd = kd + tau * (p * torch.log(p / qq) + (1 - p) * torch.log((1 - p) / (1 - qq)))
     if loss == "chunk+shared":
         for r in range(z.shape[0]):
             if math.isnan(rows.shared_rest[r]):
@@ -88,6 +88,9 @@ def test_binary_kl_is_zero_only_where_the_chunk_likelihoods_agree():
     teacher = torch.tensor([-0.5, -0.5, -3.0, -1e-9], dtype=torch.float64)
     student = torch.tensor([-0.5, -2.0, -0.1, -1e-9], dtype=torch.float64)
     d, grad = binary_kl(teacher, student, 1.0)
+    # Large tau: the derivative tends to l_T / l_S - 1 whatever the chunk's probability.
+    _, far = binary_kl(torch.tensor([-8.0], dtype=torch.float64), torch.tensor([-4.0], dtype=torch.float64), 1e4)
+    assert far.item() == pytest.approx(8.0 / 4.0 - 1, rel=1e-3)
     assert d[0].item() == pytest.approx(0.0, abs=1e-12) and grad[0].item() == pytest.approx(0.0, abs=1e-12)
     assert d[1] > 0 and grad[1] < 0  # student too unlikely: raising l_S lowers the loss
     assert d[2] > 0 and grad[2] > 0

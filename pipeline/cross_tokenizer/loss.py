@@ -8,8 +8,11 @@ Per student response row r (logits z_r, softmax q_r over the student's vocabular
              c (the cache's target_logprobs), l_S(c) = sum of log q_r(t_r) over the student's rows of c. With
              a = l_T / tau, b = l_S / tau (tau = `chunk_temperature`), P = e^a, Q = e^b, the binarised KL
                  D(c) = P (a - b) + (1 - P) (log(1 - P) - log(1 - Q)),
-             the KL between "the chunk's text follows" and "it does not" under teacher and student. dD/db =
-             (Q - P) / (1 - Q), and d l_S / dz_r = e_{t_r} - q_r for every row r of the chunk.
+             the KL between "the chunk's text follows" and "it does not" under teacher and student; the
+             term is tau D(c), whose derivative by l_S is dD/db = (Q - P) / (1 - Q), and d l_S / dz_r =
+             e_{t_r} - q_r for every row r of the chunk. Why tau: at tau = 1 an unlikely chunk (P, Q << 1, as
+             for most chunks of a flat teacher) gives dD/db ~ Q - P ~ 0, no signal at all; as tau grows,
+             dD/db -> l_T / l_S - 1, a signal of the same size for every chunk, likely or not.
     shared   (GOLD-style) where a chunk is one token on both sides: forward KL between the teacher's top-k,
              its ids mapped to the student's vocabulary where the token text exists there
              (pipeline.cross_tokenizer.vocab), and the student over the same classes plus one class for the
@@ -81,14 +84,14 @@ class CrossRows:
 
 
 def binary_kl(teacher_logprob: Tensor, student_logprob: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """Per chunk D(c) and dD / d l_S(c) (float64), the binarised KL of the module docstring."""
+    """Per chunk tau D(c) and its derivative by l_S(c) (float64), the binarised KL of the module docstring."""
     a = (teacher_logprob.double() / tau).clamp(max=0.0)
     # Q = 1 would make log(1 - Q) infinite; a float32 student can round a sure chunk to exactly 1.
     b = (student_logprob.double() / tau).clamp(max=-1e-12)
     p, q = a.exp(), b.exp()
     d = p * (a - b) + torch.xlogy(1 - p, (-torch.expm1(a)).clamp(min=0.0)) - (1 - p) * _log1mexp(b)
     grad_b = (q - p) / (-torch.expm1(b))
-    return d, grad_b / tau
+    return tau * d, grad_b  # tau D: d(tau D) / d l_S = dD / db
 
 
 def _log1mexp(x: Tensor) -> Tensor:

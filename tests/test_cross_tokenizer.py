@@ -1,0 +1,224 @@
+"""Cross-tokenizer distillation: alignment on production tokenizer pairs, the shared vocabulary, and
+train-student end to end with a teacher and a student whose tokenizers differ (vocabulary, text, template)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.alignment import ChatRenderer
+from pipeline.cache import LogitCacheReader
+from pipeline.config import config_from_dict
+from pipeline.cross_tokenizer.alignment import CrossAligner
+from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
+from pipeline.cross_tokenizer.vocab import shared_vocab_map
+from pipeline.errors import UserError
+from pipeline.student import output_head, response_hidden_states
+from stages import gen_logits, train_student
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Write a function."},
+    {"role": "assistant", "content": "def add(a, b):\n    return a + b  # sum — café ✓"},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "You're welcome!"},
+]
+
+
+def aligner(teacher_dir, student_dir, max_len=4096):
+    teacher, student = AutoTokenizer.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(student_dir)
+    return CrossAligner(ChatRenderer(teacher, None), ChatRenderer(student, None), max_len), teacher, student
+
+
+def align(cross: CrossAligner, messages, sample_id="s0"):
+    ids, positions = cross.teacher.tokenize(messages, "rec")
+    return cross.align(sample_id, messages, np.array(ids), np.array(positions), "rec")
+
+
+def chunk_texts(cross: CrossAligner, messages, alignment) -> list[str]:
+    enc = cross.student.encode(messages, "rec")
+    texts: dict[int, str] = {}
+    for row, chunk in enumerate(alignment.chunk_of_row):
+        if chunk >= 0:
+            a, b = enc.offsets[alignment.positions[row]]
+            texts[int(chunk)] = texts.get(int(chunk), "") + enc.text[a:b]
+    return [texts[c] for c in sorted(texts)]
+
+
+def test_llama3_teacher_and_qwen_student_align_every_character(real_tokenizer_dir):
+    cross, teacher, student = aligner(real_tokenizer_dir("llama3"), real_tokenizer_dir("qwen2_5"))
+    pair = cross.end_of_turn_pair()
+    assert [teacher.convert_ids_to_tokens(t) for t in pair] == ["<|eot_id|>"]
+    assert [student.convert_ids_to_tokens(s) for s in pair.values()] == ["<|im_end|>"]
+    a = align(cross, CONVERSATION)
+    # Qwen2.5's template and Llama 3's differ around the turns (Llama 3 adds a date header to the system
+    # turn, Qwen2.5 its ChatML blocks); the assistant text itself is aligned whole.
+    assert a.response_chars == len(CONVERSATION[2]["content"]) + len(CONVERSATION[4]["content"])
+    assert a.aligned_chars == a.response_chars
+    texts = chunk_texts(cross, CONVERSATION, a)
+    assert "".join(texts) == CONVERSATION[2]["content"] + "<|im_end|>" + CONVERSATION[4]["content"] + "<|im_end|>"
+    # Each chunk is a whole number of tokens on both sides and covers the same characters.
+    assert (a.chunk_of_row >= 0).all() and a.num_chunks == len(texts)
+    eot_rows = [j for j, t in enumerate(a.positions) if cross.student.encode(CONVERSATION, "rec").input_ids[t]
+                == student.convert_tokens_to_ids("<|im_end|>")]
+    assert len(eot_rows) == 2 and all(a.one_to_one[j] >= 0 for j in eot_rows)  # matched by role
+
+
+def test_sentencepiece_teacher_gives_multi_token_chunks(real_tokenizer_dir):
+    """Gemma 3 (SentencePiece-style, spaces as ▁) against Qwen2.5 (byte-level): other boundaries, so some
+    chunks span several tokens on one side; the alignment still covers the text exactly."""
+    cross, teacher, student = aligner(real_tokenizer_dir("gemma3"), real_tokenizer_dir("qwen2_5"))
+    text = "Tokenization differs: antidisestablishmentarianism, naïve résumé, 12345 + 678 = 13023."
+    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": text}]
+    a = align(cross, messages)
+    texts = chunk_texts(cross, messages, a)
+    assert a.response_chars == len(text)
+    assert 0.9 <= a.aligned_chars / a.response_chars <= 1.0
+    joined = "".join(t for t in texts if t != "<|im_end|>")
+    assert joined in text and len(joined) == a.aligned_chars
+    rows = np.bincount(a.chunk_of_row[a.chunk_of_row >= 0])
+    t_rows = np.bincount(a.chunk_teacher[0], minlength=a.num_chunks)
+    assert (rows > 1).any() or (t_rows > 1).any()  # some chunk is not 1:1
+    assert ((rows == 1) & (t_rows == 1)).sum() == (a.one_to_one >= 0).sum()
+    assert [teacher.convert_ids_to_tokens(t) for t in cross.end_of_turn_pair()] == ["<end_of_turn>"]
+
+
+def test_shared_vocabulary_compares_decoded_text_not_spelling(real_tokenizer_dir):
+    gemma = AutoTokenizer.from_pretrained(real_tokenizer_dir("gemma3"))
+    qwen = AutoTokenizer.from_pretrained(real_tokenizer_dir("qwen2_5"))
+    mapping = shared_vocab_map(gemma, qwen, {gemma.convert_tokens_to_ids("<end_of_turn>"): 151645})
+    the_g, the_q = gemma.convert_tokens_to_ids("▁the"), qwen.convert_tokens_to_ids("Ġthe")
+    assert mapping[the_g] == the_q  # " the" in both, spelled differently
+    assert mapping[gemma.convert_tokens_to_ids("the")] == qwen.convert_tokens_to_ids("the")
+    assert mapping[gemma.convert_tokens_to_ids("<end_of_turn>")] == 151645
+    assert mapping[gemma.convert_tokens_to_ids("<bos>")] == -1  # special tokens only by role
+    assert 20_000 < (mapping >= 0).sum() < len(gemma)
+
+
+# --- end to end on tiny models: a ChatML teacher, a student with Llama 3's turn format ---------------------
+
+
+@pytest.fixture(scope="module")
+def llama_student_dir(tmp_path_factory) -> Path:
+    from pipeline.toy_models import build_model, local_corpus, train_tokenizer
+
+    tok = train_tokenizer(tmp_path_factory.mktemp("llama_tok"), vocab_size=700,
+                          corpus=local_corpus("student", 300_000), style="llama")
+    return build_model(tmp_path_factory.mktemp("llama_student"), tok, hidden_size=64, num_layers=1,
+                       num_heads=1, intermediate_size=128, seed=1)
+
+
+@pytest.fixture(scope="module")
+def cross_cache(tmp_path_factory, tiny_model_dir, tiny_dataset_path, llama_student_dir) -> Path:
+    cache = tmp_path_factory.mktemp("cross") / "cache"
+    gen_logits.run(cross_config(cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, None))
+    return cache
+
+
+def cross_config(cache, teacher, dataset, student, out, loss="chunk+shared", **distillation):
+    raw = {
+        "dataset": {"labeled_path": str(dataset), "logits_path": str(cache), "seed": 0},
+        "models": {"teacher": str(teacher), "student": str(student)},
+        "inference": {"engine": "hf", "top_logits_num": 16, "dtype": "float32", "batch_size": 8},
+        "distillation": {"chunk_size": 32, "cross_tokenizer": loss, "kd_ratio": 1.0, **distillation},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "output_dir": str(out), "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": 25,
+            "logging_steps": 5, "save_steps": 1000, "report_to": "none", "disable_tqdm": True, "use_cpu": True,
+            "seed": 0,
+        },
+    }
+    return config_from_dict(raw, Path("."))
+
+
+def chunk_gap(model, config, cache) -> float:
+    """Mean |l_T(c) - l_S(c)| over the aligned chunks of the cache: how far the student's chunk
+    likelihoods are from the teacher's."""
+    collate, _ = prepare_cross_tokenizer(config, LogitCacheReader(cache), AutoTokenizer.from_pretrained(
+        config.models.student))
+    items = [[s] for s in LogitCacheReader(cache).iter_samples(shuffle=False, seed=0)]
+    batch = collate(items)
+    head = output_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(response_hidden_states(model, batch), head.weight)
+        logq = torch.log_softmax(logits.double(), -1).gather(1, batch["targets"][:, None]).squeeze(1)
+    cross = batch["cross"]
+    mask = cross.chunk >= 0
+    student = torch.zeros_like(cross.chunk_logprob).index_add_(0, cross.chunk[mask], logq[mask])
+    return (cross.chunk_logprob - student).abs().mean().item()
+
+
+@pytest.fixture(scope="module")
+def gaps_without_kd(tmp_path_factory, cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir):
+    """The chunk gap of the untrained student and of one trained on CE alone (kd_ratio 0), same steps."""
+    out = tmp_path_factory.mktemp("sft") / "out"
+    config = cross_config(cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, out, "chunk",
+                          kd_ratio=0.0)
+    before = chunk_gap(AutoModelForCausalLM.from_pretrained(llama_student_dir), config, cross_cache)
+    train_student.run(config, resume=False)
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_student_dir), str(out))
+    return before, chunk_gap(student.eval(), config, cross_cache)
+
+
+@pytest.mark.parametrize("loss", ["chunk", "chunk+shared", "uld"])
+def test_train_student_across_tokenizers_moves_the_student_towards_the_teacher(
+    tmp_path, cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, gaps_without_kd, loss
+):
+    config = cross_config(cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, tmp_path / "out", loss)
+    before, sft = gaps_without_kd
+    summary = train_student.run(config, resume=False)
+    report = summary["metrics"]["cross_tokenizer_alignment"]
+    assert report["loss"] == loss and report["samples"] == 24
+    assert 0.9 < report["aligned_char_share"] <= 1.0
+    assert 0 < report["shared_vocab_chunk_share"] <= 1.0 and 0 < report["shared_vocab_topk_mass"] <= 1.0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["cross_tokenizer_alignment"] == report
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_student_dir), str(tmp_path / "out"))
+    after = chunk_gap(student.eval(), config, cross_cache)
+    if loss == "uld":  # ULD matches sorted probabilities, not likelihoods: it only has to train and log
+        assert np.isfinite(after)
+    else:  # the chunk loss pulls the student's chunk likelihoods to the teacher's; CE alone does not
+        assert after < before and after < sft - 0.05, (before, sft, after)
+
+
+def test_a_differing_tokenizer_needs_a_cross_tokenizer_loss(tmp_path, cross_cache, tiny_model_dir,
+                                                            tiny_dataset_path, llama_student_dir):
+    config = cross_config(cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, tmp_path / "out", None)
+    with pytest.raises(UserError, match="distillation.cross_tokenizer"):
+        train_student.run(config, resume=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_normalizing_student_tokenizer_fails_naming_the_sample(real_tokenizer_dir):
+    """Qwen2.5's tokenizer normalizes to NFC: a decomposed accent (e + U+0301) comes back composed, so the
+    characters no longer line up with Llama 3's tokens (no normalizer); the sample is named."""
+    cross, _, _ = aligner(real_tokenizer_dir("llama3"), real_tokenizer_dir("qwen2_5"))
+    fine = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A café."}]
+    align(cross, fine)
+    decomposed = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A cafe\u0301."}]
+    with pytest.raises(UserError, match=r"sample 'rec-7'.*student tokenizer does not decode the assistant text"):
+        align(cross, decomposed, sample_id="rec-7")
+
+
+def test_another_dataset_than_the_caches_is_refused(tmp_path, cross_cache, tiny_model_dir, tiny_dataset_path,
+                                                    llama_student_dir):
+    other = tmp_path / "other.jsonl"
+    other.write_text(tiny_dataset_path.read_text() + "\n")
+    config = cross_config(cross_cache, tiny_model_dir, other, llama_student_dir, tmp_path / "out")
+    with pytest.raises(UserError, match="not the file the cache was made from"):
+        train_student.run(config, resume=False)
+
+
+def test_cross_tokenizer_settings_are_checked_at_config_load():
+    with pytest.raises(UserError, match="distillation.temperature"):
+        config_from_dict({"distillation": {"cross_tokenizer": "chunk", "temperature": 2.0}}, Path("."))
+    with pytest.raises(UserError, match="one teacher"):
+        config_from_dict({"models": {"teacher": ["a", "b"]}, "distillation": {"cross_tokenizer": "uld"}}, Path("."))
+    with pytest.raises(UserError, match="not valid"):
+        config_from_dict({"distillation": {"cross_tokenizer": "gold"}}, Path("."))
