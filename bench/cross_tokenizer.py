@@ -1,0 +1,234 @@
+"""Cross-tokenizer distillation quality: a ChatML teacher into a student with another tokenizer.
+
+Teacher: the demo teacher (8.1M parameters, byte-level BPE of 8,192 tokens trained on one part of the
+Python standard library, ChatML turns). Cross student: the demo student's architecture on a tokenizer of
+6,000 tokens trained on another part, with Llama 3's turn format and special tokens
+(pipeline.toy_models.ensure_cross_assets), pre-trained as briefly as the demo student. Reference: the
+demo student itself (same size, the teacher's tokenizer), trained with same-tokenizer cached KD.
+
+Every row trains with the same LoRA, optimizer, batches (the same samples) and steps through the
+product's loss path; the cache is written once by `gen-logits` (top-64 + 24 sampled tail draws: the
+cross losses read its top-64 and target log-probs, the reference its sampled targets).
+
+Metric, independent of the tokenizer: held-out prompts are answered by the teacher itself (sampled at
+T = 1: its first 96 tokens, whitespace-stripped), and each student's negative log-likelihood of those
+response texts per character. Its expectation is the sequence-level KL(teacher || student) per character
+plus the teacher's entropy, a constant shared by all rows.
+Gap closed = (NLL_SFT - NLL_row) / (NLL_SFT - NLL_reference), SFT being the cross student on CE alone.
+Run: `python bench/cross_tokenizer.py [--steps N] [--seed S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.alignment import ChatRenderer  # noqa: E402
+from pipeline.cache import LogitCacheReader  # noqa: E402
+from pipeline.config import LoraConfig, config_from_dict  # noqa: E402
+from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer  # noqa: E402
+from pipeline.data import read_records, to_messages  # noqa: E402
+from pipeline.lora import wrap_student  # noqa: E402
+from pipeline.losses import KDLossSpec  # noqa: E402
+from pipeline.student import collate, distillation_loss, output_head  # noqa: E402
+from pipeline.toy_models import ensure_cross_assets, write_instruction_dataset  # noqa: E402
+
+WORK = REPO / ".assets" / "bench_cross"
+K, DRAWS = 64, 24
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialization")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-samples", type=int, default=384)
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--response-tokens", type=int, default=96, help="teacher tokens per held-out response")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--kd-ratio", type=float, default=0.5)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    assets, cross_student = ensure_cross_assets(REPO / ".assets" / "toy", profile="demo")
+    WORK.mkdir(parents=True, exist_ok=True)
+    train_path = write_instruction_dataset(WORK / "train.jsonl", args.train_samples, split="teacher", seed=0)
+    cache = WORK / f"cache_top{K}_u{DRAWS}"
+    base = {
+        "dataset": {"labeled_path": str(train_path), "logits_path": str(cache)},
+        "models": {"teacher": str(assets.teacher_dir), "student": str(cross_student)},
+        "inference": {"engine": "hf", "top_logits_num": K, "tail_samples": DRAWS, "seed": 42, "dtype": "float32",
+                      "batch_size": 16},
+        "distillation": {"max_seq_length": 512, "cross_tokenizer": "chunk"},
+    }
+    from stages import gen_logits
+
+    gen_logits.run(config_from_dict(base, REPO))  # a no-op once the cache is complete
+    reader = LogitCacheReader(cache)
+    rows_by_id = {s.sample_id: s for s in reader.iter_samples(shuffle=False, seed=0)}
+    order = sorted(rows_by_id)
+    rng = torch.Generator().manual_seed(args.seed)
+    batches = [[order[i] for i in torch.randperm(len(order), generator=rng)[: args.batch_size].tolist()]
+               for _ in range(args.steps)]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
+    held_out = teacher_responses(teacher, AutoTokenizer.from_pretrained(assets.teacher_dir), args)
+    print(f"held out: {len(held_out)} teacher-sampled responses, {sum(len(m[-1]['content']) for m in held_out)} "
+          "characters", flush=True)
+
+    tokenizers = {s: AutoTokenizer.from_pretrained(s) for s in (assets.student_dir, cross_student)}
+    collators, reports = {}, {}
+    for loss in ("uld", "chunk", "chunk+shared"):
+        config = config_from_dict({**base, "distillation": {**base["distillation"], "cross_tokenizer": loss}}, REPO)
+        collators[loss], reports[loss] = prepare_cross_tokenizer(config, reader, tokenizers[cross_student])
+    report = reports["chunk+shared"]
+    print(f"alignment: {100 * report['aligned_char_share']:.1f}% of response characters in {report['chunks']} "
+          f"chunks ({report['chars_per_chunk']:.2f} chars each); "
+          f"{100 * report['shared_vocab_chunk_share']:.1f}% of chunks one token on both sides, where the "
+          f"student's vocabulary holds {100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 "
+          f"mass; {report['shared_vocab_tokens']} of {report['teacher_vocab']} teacher tokens shared", flush=True)
+
+    same = lambda items: collate(items, pad_id=tokenizers[assets.student_dir].pad_token_id, max_seq_length=512)  # noqa: E731
+    kd = args.kd_ratio
+    # (name, student, collate, loss spec)
+    variants = [
+        ("SFT only (kd_ratio 0)", cross_student, collators["chunk"], KDLossSpec(kd_ratio=0.0, cross_tokenizer="chunk")),
+        ("ULD, sorted top-64", cross_student, collators["uld"], KDLossSpec(kd_ratio=kd, cross_tokenizer="uld")),
+    ]
+    for tau in (1.0, 10.0, 100.0):
+        variants.append((f"chunk likelihood, tau {tau:g}", cross_student, collators["chunk"],
+                         KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk", chunk_temperature=tau)))
+    variants += [
+        ("chunk likelihood + shared vocabulary, tau 10", cross_student, collators["chunk+shared"],
+         KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)),
+        ("same-tokenizer student, SFT only", assets.student_dir, same, KDLossSpec(kd_ratio=0.0)),
+        ("same-tokenizer student, cached KD (reference)", assets.student_dir, same, KDLossSpec(kd_ratio=kd)),
+    ]
+    before = {s: nll_per_char(AutoModelForCausalLM.from_pretrained(s).eval(), tokenizers[s], held_out)
+              for s in tokenizers}
+    results = []
+    for name, student_dir, collate_fn, spec in variants:
+        start = time.perf_counter()
+        model = train(student_dir, rows_by_id, batches, collate_fn, spec, args)
+        nll = nll_per_char(model, tokenizers[student_dir], held_out)
+        results.append({"name": name, "student": str(student_dir), "nll_per_char": nll,
+                        "train_seconds": time.perf_counter() - start})
+        print(f"  {name}: NLL/char {nll:.4f} ({results[-1]['train_seconds']:.0f} s)", flush=True)
+    sft, reference = results[0]["nll_per_char"], results[-1]["nll_per_char"]
+    print(f"\nCross-tokenizer quality: {args.steps} steps x batch {args.batch_size}, LoRA r=16, lr {args.lr}, "
+          f"kd_ratio {kd}; NLL per character of {len(held_out)} teacher-sampled held-out responses")
+    print(f"{'row':<50}{'NLL/char':>10}{'gap closed':>12}")
+    for s, value in before.items():
+        print(f"{'before training: ' + Path(s).name:<50}{value:>10.4f}")
+    for r in results:
+        r["gap_closed"] = (sft - r["nll_per_char"]) / (sft - reference) if sft != reference else float("nan")
+        print(f"{r['name']:<50}{r['nll_per_char']:>10.4f}{100 * r['gap_closed']:>11.1f}%")
+    cross_rows = [r for r in results if r["student"] == str(cross_student)][1:]
+    best = max(cross_rows, key=lambda r: r["gap_closed"])
+    verdict = "MET" if best["gap_closed"] >= 0.8 else "NOT MET"
+    print(f"Goal (the best cross-tokenizer row closes >= 80% of the SFT -> same-tokenizer-KD gap): {verdict} "
+          f"(best: {best['name']}, {100 * best['gap_closed']:.1f}%)")
+    # The two students start apart (their tokenizers differ): compare each KD's gain over its own SFT too.
+    same_gain = results[-2]["nll_per_char"] - reference
+    for r in cross_rows:
+        r["share_of_same_tokenizer_kd_gain"] = (sft - r["nll_per_char"]) / same_gain if same_gain else float("nan")
+    print(f"Gain over the student's own SFT, as a share of the same-tokenizer KD's gain over its SFT "
+          f"({same_gain:.4f} nats/char):")
+    for r in cross_rows:
+        print(f"  {r['name']:<48}{100 * r['share_of_same_tokenizer_kd_gain']:>7.1f}%")
+    out = WORK / f"results_kd{kd}_steps{args.steps}_seed{args.seed}.json"
+    record = {"args": vars(args), "alignment": reports, "before": {str(k): v for k, v in before.items()},
+              "rows": results}
+    out.write_text(json.dumps(record, indent=2))
+    print(f"results written to {out}")
+    return 0
+
+
+def teacher_responses(teacher, tokenizer, args) -> list[list[dict]]:
+    """Held-out prompts answered by the teacher (T = 1, the first --response-tokens tokens), as conversations.
+
+    The toy teacher seldom ends its turn within a few hundred tokens, so a response is the text of its
+    first tokens, stripped of surrounding whitespace (a token at the edge would otherwise merge with the
+    template's newline in one tokenization and not in the other).
+    """
+    path = write_instruction_dataset(WORK / "eval_prompts.jsonl", args.eval_prompts, split="heldout", seed=1)
+    cached = WORK / f"eval_teacher_responses_{args.eval_prompts}x{args.response_tokens}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    renderer = ChatRenderer(tokenizer, None)
+    end = tokenizer.eos_token_id
+    torch.manual_seed(1234)
+    conversations = []
+    for index, (where, record) in enumerate(read_records(path)):
+        _, messages = to_messages(record, index, where, require_response=False)
+        prompt = [m for m in messages if m["role"] != "assistant"]
+        text = renderer.render(prompt, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = teacher.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                   max_new_tokens=args.response_tokens, eos_token_id=end,
+                                   pad_token_id=tokenizer.pad_token_id)
+        response = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+        if response:
+            conversations.append([*prompt, {"role": "assistant", "content": response}])
+    cached.write_text(json.dumps(conversations))
+    return conversations
+
+
+def nll_per_char(model, tokenizer, conversations) -> float:
+    """The model's NLL of each conversation's last assistant text per character (its end of turn left out:
+    the teacher's responses are cut, not ended)."""
+    renderer = ChatRenderer(tokenizer, None)
+    total = chars = 0.0
+    with torch.no_grad():
+        for messages in conversations:
+            ids, positions = renderer.tokenize(messages, "held out")
+            if ids[positions[-1]] != tokenizer.eos_token_id:
+                raise SystemExit(f"{tokenizer.name_or_path}: the last response token is not the end of turn")
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0].double()
+            pos = torch.tensor(positions[:-1])
+            logp = torch.log_softmax(logits[pos - 1], -1).gather(1, x[0, pos][:, None])
+            total += -logp.sum().item()
+            chars += len(messages[-1]["content"])
+    return total / chars
+
+
+def train(student_dir, rows_by_id, batches, collate_fn, spec: KDLossSpec, args):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(args.seed)
+    model = wrap_student(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
+                         LoraConfig(r=16, alpha=32, dropout=0.0))
+    model.train()
+    head = output_head(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / len(batches)))
+    )
+    for ids in batches:
+        batch = collate_fn([[rows_by_id[i]] for i in ids])
+        parts = distillation_loss(model, head, batch, spec, batch["targets"].numel(), chunk_size=512)
+        parts.loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
