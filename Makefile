@@ -30,6 +30,7 @@ bench: setup
 		$(BIN)/python bench/quality.py --profile $$profile --teacher-scale $$scale --seed $$seed --kd-ratio 0.5 || true; \
 	done; done; done
 	-$(BIN)/python -m pip install -q 'matplotlib>=3.8' && $(BIN)/python bench/quality_chart.py
+	for seed in 0 1; do $(BIN)/python bench/cross_tokenizer.py --seed $$seed || true; done
 
 lint: setup
 	$(BIN)/ruff check .

@@ -31,7 +31,9 @@ def test_defaults_fill_everything_but_paths(tmp_path):
     assert config.dataset.labeled_path is None and config.models.teacher == []
 
 
-@pytest.mark.parametrize("name", ["kd_white_box_lora.json", "kd_multi_teacher_lora.json", "demo.json"])
+@pytest.mark.parametrize(
+    "name", ["kd_white_box_lora.json", "kd_multi_teacher_lora.json", "kd_cross_tokenizer_lora.json", "demo.json"]
+)
 def test_shipped_configs_load(name):
     config = load_config(REPO / "configs" / name)
     assert config.training["output_dir"]
