@@ -21,8 +21,8 @@ Run: `python bench/cross_tokenizer.py [--steps N] [--seed S]`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import os
 import sys
 import time
@@ -33,14 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.quality import train_lora  # noqa: E402
 from pipeline.alignment import ChatRenderer  # noqa: E402
 from pipeline.cache import LogitCacheReader  # noqa: E402
-from pipeline.config import LoraConfig, config_from_dict  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer  # noqa: E402
 from pipeline.data import read_records, to_messages  # noqa: E402
-from pipeline.lora import wrap_student  # noqa: E402
 from pipeline.losses import KDLossSpec  # noqa: E402
-from pipeline.student import collate, distillation_loss, output_head  # noqa: E402
+from pipeline.student import collate  # noqa: E402
 from pipeline.toy_models import ensure_cross_assets, write_instruction_dataset  # noqa: E402
 
 WORK = REPO / ".assets" / "bench_cross"
@@ -90,29 +90,26 @@ def main() -> int:
           "characters", flush=True)
 
     tokenizers = {s: AutoTokenizer.from_pretrained(s) for s in (assets.student_dir, cross_student)}
-    collators, reports = {}, {}
-    for loss in ("uld", "chunk", "chunk+shared"):
-        config = config_from_dict({**base, "distillation": {**base["distillation"], "cross_tokenizer": loss}}, REPO)
-        collators[loss], reports[loss] = prepare_cross_tokenizer(config, reader, tokenizers[cross_student])
-    report = reports["chunk+shared"]
+    # One alignment serves every cross-tokenizer loss: the batches carry all their signals.
+    cross_collate, report = prepare_cross_tokenizer(config_from_dict(base, REPO), reader, tokenizers[cross_student])
     print(f"alignment: {100 * report['aligned_char_share']:.1f}% of response characters in {report['chunks']} "
           f"chunks ({report['chars_per_chunk']:.2f} chars each); "
           f"{100 * report['shared_vocab_chunk_share']:.1f}% of chunks one token on both sides, where the "
           f"student's vocabulary holds {100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 "
           f"mass; {report['shared_vocab_tokens']} of {report['teacher_vocab']} teacher tokens shared", flush=True)
 
-    same = lambda items: collate(items, pad_id=tokenizers[assets.student_dir].pad_token_id, max_seq_length=512)  # noqa: E731
+    same = functools.partial(collate, pad_id=tokenizers[assets.student_dir].pad_token_id, max_seq_length=512)
     kd = args.kd_ratio
     # (name, student, collate, loss spec)
     variants = [
-        ("SFT only (kd_ratio 0)", cross_student, collators["chunk"], KDLossSpec(kd_ratio=0.0, cross_tokenizer="chunk")),
-        ("ULD, sorted top-64", cross_student, collators["uld"], KDLossSpec(kd_ratio=kd, cross_tokenizer="uld")),
+        ("SFT only (kd_ratio 0)", cross_student, cross_collate, KDLossSpec(kd_ratio=0.0, cross_tokenizer="chunk")),
+        ("ULD, sorted top-64", cross_student, cross_collate, KDLossSpec(kd_ratio=kd, cross_tokenizer="uld")),
     ]
     for tau in (1.0, 10.0, 100.0):
-        variants.append((f"chunk likelihood, tau {tau:g}", cross_student, collators["chunk"],
+        variants.append((f"chunk likelihood, tau {tau:g}", cross_student, cross_collate,
                          KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk", chunk_temperature=tau)))
     variants += [
-        ("chunk likelihood + shared vocabulary, tau 10", cross_student, collators["chunk+shared"],
+        ("chunk likelihood + shared vocabulary, tau 10", cross_student, cross_collate,
          KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)),
         ("same-tokenizer student, SFT only", assets.student_dir, same, KDLossSpec(kd_ratio=0.0)),
         ("same-tokenizer student, cached KD (reference)", assets.student_dir, same, KDLossSpec(kd_ratio=kd)),
@@ -122,7 +119,8 @@ def main() -> int:
     results = []
     for name, student_dir, collate_fn, spec in variants:
         start = time.perf_counter()
-        model = train(student_dir, rows_by_id, batches, collate_fn, spec, args)
+        make_batch = functools.partial(_batch, collate_fn, rows_by_id)
+        model = train_lora(student_dir, batches, make_batch, spec, args)
         nll = nll_per_char(model, tokenizers[student_dir], held_out)
         results.append({"name": name, "student": str(student_dir), "nll_per_char": nll,
                         "train_seconds": time.perf_counter() - start})
@@ -150,7 +148,7 @@ def main() -> int:
     for r in cross_rows:
         print(f"  {r['name']:<48}{100 * r['share_of_same_tokenizer_kd_gain']:>7.1f}%")
     out = WORK / f"results_kd{kd}_steps{args.steps}_seed{args.seed}.json"
-    record = {"args": vars(args), "alignment": reports, "before": {str(k): v for k, v in before.items()},
+    record = {"args": vars(args), "alignment": report, "before": {str(k): v for k, v in before.items()},
               "rows": results}
     out.write_text(json.dumps(record, indent=2))
     print(f"results written to {out}")
@@ -207,27 +205,8 @@ def nll_per_char(model, tokenizer, conversations) -> float:
     return total / chars
 
 
-def train(student_dir, rows_by_id, batches, collate_fn, spec: KDLossSpec, args):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(args.seed)
-    model = wrap_student(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
-                         LoraConfig(r=16, alpha=32, dropout=0.0))
-    model.train()
-    head = output_head(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / len(batches)))
-    )
-    for ids in batches:
-        batch = collate_fn([[rows_by_id[i]] for i in ids])
-        parts = distillation_loss(model, head, batch, spec, batch["targets"].numel(), chunk_size=512)
-        parts.loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval()
+def _batch(collate_fn, rows_by_id: dict, ids: list[str]) -> dict:
+    return collate_fn([[rows_by_id[i]] for i in ids])
 
 
 if __name__ == "__main__":

@@ -256,6 +256,26 @@ def _logits_at_responses(model, batch: dict) -> torch.Tensor:
 
 
 def train_variant(student_dir, teacher, cached, batches, source, spec: KDLossSpec, vocab, args):
+    cache_key = source if isinstance(source, tuple) else (64, 0)
+
+    def make_batch(ids: list[str]) -> dict:
+        batch = collate([[cached[cache_key][i]] for i in ids], pad_id=0, max_seq_length=512)
+        if source == "online":
+            rows = live_teacher_rows(teacher, batch, vocab)
+            batch = {
+                **batch,
+                "topk_ids": [rows[0].topk_ids],
+                "topk_logprobs": [rows[0].topk_logprobs],
+                "tail_logmass": [rows[0].tail_logmass],
+            }
+        return batch
+
+    return train_lora(student_dir, batches, make_batch, spec, args)
+
+
+def train_lora(student_dir, batches, make_batch, spec: KDLossSpec, args):
+    """The quality benches' training run: LoRA r=16, AdamW at args.lr, 10 warmup steps then cosine, one
+    optimizer step per batch of sample ids (`make_batch` turns them into a batch), the product's loss."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import LoraConfig
@@ -273,17 +293,8 @@ def train_variant(student_dir, teacher, cached, batches, source, spec: KDLossSpe
         optimizer,
         lambda step: min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / len(batches))),
     )
-    cache_key = source if isinstance(source, tuple) else (64, 0)
     for ids in batches:
-        batch = collate([[cached[cache_key][i]] for i in ids], pad_id=0, max_seq_length=512)
-        if source == "online":
-            rows = live_teacher_rows(teacher, batch, vocab)
-            batch = {
-                **batch,
-                "topk_ids": [rows[0].topk_ids],
-                "topk_logprobs": [rows[0].topk_logprobs],
-                "tail_logmass": [rows[0].tail_logmass],
-            }
+        batch = make_batch(ids)
         parts = distillation_loss(model, head, batch, spec, batch["targets"].numel(), chunk_size=512)
         parts.loss.backward()
         optimizer.step()

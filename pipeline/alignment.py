@@ -21,6 +21,7 @@ the answer is trained).
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,9 +61,18 @@ class Encoding:
 
     text: str
     input_ids: list[int]
-    offsets: list[tuple[int, int]]  # each token's characters in `text`
+    offsets: list[tuple[int, int]]  # each token's characters in `text`, ascending with the text
     positions: list[int]  # response tokens
     pieces: list[AssistantPieces]  # per assistant turn
+
+    def __post_init__(self) -> None:
+        self._starts = [a for a, _ in self.offsets]
+        self._ends = [b for _, b in self.offsets]
+
+    def overlapping(self, start: int, end: int) -> range:
+        """The tokens whose characters overlap [start, end), found by bisection (no scan of the sequence)."""
+        first = bisect.bisect_right(self._ends, start)  # the first token ending after `start`
+        return range(first, max(first, bisect.bisect_left(self._starts, end)))
 
 
 class ChatRenderer:

@@ -32,18 +32,12 @@ def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length:
     longer than max_seq_length are cut, with the response rows beyond the cut.
     """
     lengths = [min(len(item[0].input_ids), max_seq_length) for item in items]
-    input_ids = torch.full((len(items), max(lengths)), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    rows, cols, keeps = [], [], []
-    for b, (item, length) in enumerate(zip(items, lengths, strict=True)):
-        input_ids[b, :length] = item[0].input_ids[:length]
-        attention_mask[b, :length] = 1
-        keep = item[0].positions < length
-        positions = item[0].positions[keep]
-        rows.append(torch.full_like(positions, b))
-        cols.append(positions - 1)  # x_t is predicted from position t - 1
-        keeps.append(keep)
-    row_index, col_index = torch.cat(rows), torch.cat(cols)
+    keeps = [item[0].positions < length for item, length in zip(items, lengths, strict=True)]
+    tokens = token_batch(
+        [item[0].input_ids[:length] for item, length in zip(items, lengths, strict=True)],
+        [item[0].positions[keep] for item, keep in zip(items, keeps, strict=True)],
+        pad_id,
+    )
     num_teachers = len(items[0])
 
     def stack(field: str, w: int) -> Tensor:
@@ -63,11 +57,7 @@ def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length:
         )
 
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "row_index": row_index,
-        "col_index": col_index,
-        "targets": input_ids[row_index, col_index + 1],
+        **tokens,
         "topk_ids": [stack("topk_ids", w) for w in range(num_teachers)],
         "topk_logprobs": [stack("topk_logprobs", w) for w in range(num_teachers)],
         "tail_logmass": [stack("tail_logmass", w) for w in range(num_teachers)],
@@ -75,6 +65,27 @@ def collate(items: Sequence[Sequence[CacheSample]], pad_id: int, max_seq_length:
         "sample_ids": [stack_padded("sample_ids", w, 0) for w in range(num_teachers)],
         "sample_counts": [stack_padded("sample_counts", w, 0) for w in range(num_teachers)],
         "sample_logprobs": [stack_padded("sample_logprobs", w, float("-inf")) for w in range(num_teachers)],
+    }
+
+
+def token_batch(sequences: Sequence[Tensor], positions: Sequence[Tensor], pad_id: int) -> dict[str, Tensor]:
+    """Padded token ids and attention mask, and where each response row's logits are: x_t is predicted
+    from position t - 1 (`col_index`) of sequence `row_index`; `targets` are the x_t."""
+    input_ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    rows, cols = [], []
+    for b, (ids, pos) in enumerate(zip(sequences, positions, strict=True)):
+        input_ids[b, : len(ids)] = ids
+        attention_mask[b, : len(ids)] = 1
+        rows.append(torch.full_like(pos, b))
+        cols.append(pos - 1)
+    row_index, col_index = torch.cat(rows), torch.cat(cols)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "row_index": row_index,
+        "col_index": col_index,
+        "targets": input_ids[row_index, col_index + 1],
     }
 
 

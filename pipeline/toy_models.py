@@ -411,6 +411,15 @@ def _ensure_model(
     return _ensure(out_dir, {**spec, "tokenizer": tok_params}, build)
 
 
+def _ensure_tokenizer(out_dir: Path, tok_params: dict[str, Any]) -> dict[str, Any]:
+    def build(path: Path) -> dict[str, Any]:
+        corpus = local_corpus(tok_params["split"], max_chars=tok_params["corpus_chars"])
+        train_tokenizer(path, tok_params["vocab_size"], corpus, tok_params.get("style", "chatml"))
+        return {}
+
+    return _ensure(out_dir, tok_params, build)
+
+
 @contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """One builder per asset root at a time (tests and `make demo` may start together)."""
@@ -429,13 +438,7 @@ def ensure_toy_assets(root: Path, *, profile: str = "demo") -> ToyAssets:
     tok_params = {**tok_spec, "python": list(sys.version_info[:2])}  # the corpus is this Python's stdlib
     tokenizer_dir = root / tok_name
     with _locked(root):
-
-        def build_tokenizer(path: Path) -> dict[str, Any]:
-            corpus = local_corpus(tok_params["split"], max_chars=tok_params["corpus_chars"])
-            train_tokenizer(path, tok_params["vocab_size"], corpus, tok_params.get("style", "chatml"))
-            return {}
-
-        _ensure(tokenizer_dir, tok_params, build_tokenizer)
+        _ensure_tokenizer(tokenizer_dir, tok_params)
         (teacher_name, teacher_spec), (student_name, student_spec) = spec["teacher"], spec["student"]
         teacher = _ensure_model(
             root / teacher_name, teacher_spec, tokenizer_dir, tok_params, spec.get("max_head_share", 1.0)
@@ -464,13 +467,7 @@ def ensure_cross_assets(root: Path, *, profile: str = "demo") -> tuple[ToyAssets
     student_spec = PROFILES[profile]["student"][1]
     root = Path(root)
     with _locked(root):
-
-        def build_tokenizer(path: Path) -> dict[str, Any]:
-            corpus = local_corpus(tok_params["split"], max_chars=tok_params["corpus_chars"])
-            train_tokenizer(path, tok_params["vocab_size"], corpus, tok_params["style"])
-            return {}
-
-        _ensure(root / tok_name, tok_params, build_tokenizer)
+        _ensure_tokenizer(root / tok_name, tok_params)
         _ensure_model(root / student_name, student_spec, root / tok_name, tok_params)
     return assets, root / student_name
 

@@ -133,8 +133,9 @@ def _tokens_in(encoding: Encoding, start: int, end: int, rows: _RowIndex) -> lis
     """(start, end, row) relative to the core of every token wholly inside [start, end), in order;
     row -1 for a token that is no response row (untrained or cut)."""
     found = []
-    for t, (a, b) in enumerate(encoding.offsets):
-        if b <= a or b <= start or a >= end:
+    for t in encoding.overlapping(start, end):
+        a, b = encoding.offsets[t]
+        if b <= a:
             continue
         if a >= start and b <= end:
             found.append((a - start, b - start, rows.row(t)))
@@ -145,7 +146,7 @@ def _tokens_in(encoding: Encoding, start: int, end: int, rows: _RowIndex) -> lis
 
 def _token_at(encoding: Encoding, span: tuple[int, int]) -> int | None:
     """The token whose characters are exactly `span` (an added token such as the end-of-turn)."""
-    return next((t for t, offsets in enumerate(encoding.offsets) if tuple(offsets) == tuple(span)), None)
+    return next((t for t in encoding.overlapping(*span) if encoding.offsets[t] == tuple(span)), None)
 
 
 def _eot_id(encoding: Encoding) -> int | None:
@@ -222,7 +223,7 @@ def _check_decodes(encoding: Encoding, side: str, tokenizer: Any, sample_id: str
     NFKC, stripped accents) breaks character alignment, and the sample that shows it is named."""
     for piece in encoding.pieces:
         for start, end in piece.cores:
-            ids = [i for i, (a, b) in zip(encoding.input_ids, encoding.offsets, strict=True) if b > start and a < end]
+            ids = [encoding.input_ids[t] for t in encoding.overlapping(start, end)]
             decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             core = encoding.text[start:end]
             if core not in decoded:

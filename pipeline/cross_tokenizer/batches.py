@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from pipeline.cross_tokenizer.alignment import SampleAlignment
 from pipeline.cross_tokenizer.loss import CrossRows
 from pipeline.records import CacheSample
+from pipeline.student import token_batch
 
 
 @dataclass
@@ -26,7 +27,6 @@ class AlignmentReport:
     student_rows: int = 0
     rows_in_chunks: int = 0
     shared_mass: float = 0.0  # sum over 1:1 rows of the teacher top-k mass whose tokens the student has
-    examples: list[str] = field(default_factory=list)
 
     def add(self, a: SampleAlignment, teacher_row_mass: np.ndarray | None) -> None:
         self.samples += 1
@@ -67,18 +67,12 @@ class CrossCollator:
 
     def __call__(self, items: Sequence[Sequence[CacheSample]]) -> dict[str, Any]:
         aligned = [self.alignments[item[0].sample_id] for item in items]
-        length = max(len(a.input_ids) for a in aligned)
-        input_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        rows, cols, chunks, chunk_logprobs, shared, uld = [], [], [], [], [], []
+        tokens = token_batch([torch.from_numpy(a.input_ids) for a in aligned],
+                             [torch.from_numpy(a.positions) for a in aligned], self.pad_id)
+        chunks, chunk_logprobs, shared, uld = [], [], [], []
         chunk_base = 0
-        for b, (item, a) in enumerate(zip(items, aligned, strict=True)):
+        for item, a in zip(items, aligned, strict=True):
             teacher = item[0]
-            input_ids[b, : len(a.input_ids)] = torch.from_numpy(a.input_ids)
-            attention_mask[b, : len(a.input_ids)] = 1
-            positions = torch.from_numpy(a.positions)
-            rows.append(torch.full_like(positions, b))
-            cols.append(positions - 1)
             chunk = torch.from_numpy(a.chunk_of_row)
             chunks.append(torch.where(chunk >= 0, chunk + chunk_base, chunk))
             logprob = torch.zeros(a.num_chunks, dtype=torch.float64)
@@ -88,7 +82,6 @@ class CrossCollator:
             chunk_base += a.num_chunks
             shared.append(self._shared(teacher, torch.from_numpy(a.one_to_one)))
             uld.append(_paired_probs(teacher, torch.from_numpy(a.paired)))
-        row_index, col_index = torch.cat(rows), torch.cat(cols)
         cross = CrossRows(
             chunk=torch.cat(chunks),
             chunk_logprob=torch.cat(chunk_logprobs),
@@ -97,14 +90,7 @@ class CrossCollator:
             shared_rest=torch.cat([s[2] for s in shared]),
             uld_probs=torch.cat(uld),
         )
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "row_index": row_index,
-            "col_index": col_index,
-            "targets": input_ids[row_index, col_index + 1],
-            "cross": cross,
-        }
+        return {**tokens, "cross": cross}
 
     def _shared(self, teacher: CacheSample, teacher_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The teacher's top-k of each 1:1 row, in student ids; the rest mass log(1 - sum p) in float64."""
