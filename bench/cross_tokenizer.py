@@ -21,6 +21,7 @@ Run: `python bench/cross_tokenizer.py [--steps N] [--seed S]`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -37,13 +38,15 @@ from bench.quality import train_lora  # noqa: E402
 from pipeline.alignment import ChatRenderer  # noqa: E402
 from pipeline.cache import LogitCacheReader  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.cross_tokenizer.alignment import CrossAligner  # noqa: E402
+from pipeline.cross_tokenizer.batches import CrossCollator, shared_topk_mass  # noqa: E402
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer  # noqa: E402
+from pipeline.cross_tokenizer.vocab import shared_vocab_map  # noqa: E402
 from pipeline.data import read_records, to_messages  # noqa: E402
 from pipeline.losses import KDLossSpec  # noqa: E402
 from pipeline.student import collate  # noqa: E402
 from pipeline.toy_models import ensure_cross_assets, write_instruction_dataset  # noqa: E402
 
-WORK = REPO / ".assets" / "bench_cross"
 K, DRAWS = 64, 24
 
 
@@ -57,14 +60,17 @@ def main() -> int:
     parser.add_argument("--response-tokens", type=int, default=96, help="teacher tokens per held-out response")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kd-ratio", type=float, default=0.5)
+    parser.add_argument("--profile", choices=("demo", "quality"), default="demo",
+                        help="teacher and students of pipeline.toy_models (quality: longer pre-trained)")
     args = parser.parse_args()
+    work = REPO / ".assets" / ("bench_cross" if args.profile == "demo" else f"bench_cross_{args.profile}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    assets, cross_student = ensure_cross_assets(REPO / ".assets" / "toy", profile="demo")
-    WORK.mkdir(parents=True, exist_ok=True)
-    train_path = write_instruction_dataset(WORK / "train.jsonl", args.train_samples, split="teacher", seed=0)
-    cache = WORK / f"cache_top{K}_u{DRAWS}"
+    assets, cross_student = ensure_cross_assets(REPO / ".assets" / "toy", profile=args.profile)
+    work.mkdir(parents=True, exist_ok=True)
+    train_path = write_instruction_dataset(work / "train.jsonl", args.train_samples, split="teacher", seed=0)
+    cache = work / f"cache_top{K}_u{DRAWS}"
     base = {
         "dataset": {"labeled_path": str(train_path), "logits_path": str(cache)},
         "models": {"teacher": str(assets.teacher_dir), "student": str(cross_student)},
@@ -85,18 +91,30 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
-    held_out = teacher_responses(teacher, AutoTokenizer.from_pretrained(assets.teacher_dir), args)
+    held_out = teacher_responses(teacher, AutoTokenizer.from_pretrained(assets.teacher_dir), args, work)
     print(f"held out: {len(held_out)} teacher-sampled responses, {sum(len(m[-1]['content']) for m in held_out)} "
           "characters", flush=True)
 
     tokenizers = {s: AutoTokenizer.from_pretrained(s) for s in (assets.student_dir, cross_student)}
     # One alignment serves every cross-tokenizer loss: the batches carry all their signals.
     cross_collate, report = prepare_cross_tokenizer(config_from_dict(base, REPO), reader, tokenizers[cross_student])
+    # Session 4's shared-vocabulary term, side by side: only on chunks one token on both sides, only
+    # through tokens of the same text (no first-token projection).
+    teacher_tok = AutoTokenizer.from_pretrained(assets.teacher_dir)
+    eot = CrossAligner(ChatRenderer(teacher_tok, None), ChatRenderer(tokenizers[cross_student], None), 512)
+    exact_map = shared_vocab_map(teacher_tok, tokenizers[cross_student], eot.end_of_turn_pair())
+    one_to_one_collate = CrossCollator(
+        {i: dataclasses.replace(a, chunk_start=a.one_to_one) for i, a in cross_collate.alignments.items()},
+        exact_map, cross_collate.pad_id)
+    exact_mass = _one_to_one_mass(reader, one_to_one_collate)
     print(f"alignment: {100 * report['aligned_char_share']:.1f}% of response characters in {report['chunks']} "
-          f"chunks ({report['chars_per_chunk']:.2f} chars each); "
-          f"{100 * report['shared_vocab_chunk_share']:.1f}% of chunks one token on both sides, where the "
-          f"student's vocabulary holds {100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 "
-          f"mass; {report['shared_vocab_tokens']} of {report['teacher_vocab']} teacher tokens shared", flush=True)
+          f"chunks ({report['chars_per_chunk']:.2f} chars each, {100 * report['one_to_one_chunk_share']:.1f}% "
+          f"one token on both sides); at chunk starts the student's vocabulary takes "
+          f"{100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 mass "
+          f"({report['mapped_teacher_tokens']} of {report['teacher_vocab']} teacher tokens mapped); same-text "
+          f"tokens alone ({int((exact_map >= 0).sum())}) take {100 * exact_mass:.1f}% on the 1:1 chunks",
+          flush=True)
+    report["exact_text_topk_mass_one_to_one"] = exact_mass
 
     same = functools.partial(collate, pad_id=tokenizers[assets.student_dir].pad_token_id, max_seq_length=512)
     kd = args.kd_ratio
@@ -109,6 +127,8 @@ def main() -> int:
         variants.append((f"chunk likelihood, tau {tau:g}", cross_student, cross_collate,
                          KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk", chunk_temperature=tau)))
     variants += [
+        ("chunk + shared on 1:1 chunks, same-text only, tau 10", cross_student, one_to_one_collate,
+         KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)),
         ("chunk likelihood + shared vocabulary, tau 10", cross_student, cross_collate,
          KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)),
         ("same-tokenizer student, SFT only", assets.student_dir, same, KDLossSpec(kd_ratio=0.0)),
@@ -147,7 +167,7 @@ def main() -> int:
           f"({same_gain:.4f} nats/char):")
     for r in cross_rows:
         print(f"  {r['name']:<48}{100 * r['share_of_same_tokenizer_kd_gain']:>7.1f}%")
-    out = WORK / f"results_kd{kd}_steps{args.steps}_seed{args.seed}.json"
+    out = work / f"results_kd{kd}_steps{args.steps}_seed{args.seed}.json"
     record = {"args": vars(args), "alignment": report, "before": {str(k): v for k, v in before.items()},
               "rows": results}
     out.write_text(json.dumps(record, indent=2))
@@ -155,15 +175,15 @@ def main() -> int:
     return 0
 
 
-def teacher_responses(teacher, tokenizer, args) -> list[list[dict]]:
+def teacher_responses(teacher, tokenizer, args, work: Path) -> list[list[dict]]:
     """Held-out prompts answered by the teacher (T = 1, the first --response-tokens tokens), as conversations.
 
     The toy teacher seldom ends its turn within a few hundred tokens, so a response is the text of its
     first tokens, stripped of surrounding whitespace (a token at the edge would otherwise merge with the
     template's newline in one tokenization and not in the other).
     """
-    path = write_instruction_dataset(WORK / "eval_prompts.jsonl", args.eval_prompts, split="heldout", seed=1)
-    cached = WORK / f"eval_teacher_responses_{args.eval_prompts}x{args.response_tokens}.json"
+    path = write_instruction_dataset(work / "eval_prompts.jsonl", args.eval_prompts, split="heldout", seed=1)
+    cached = work / f"eval_teacher_responses_{args.eval_prompts}x{args.response_tokens}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     renderer = ChatRenderer(tokenizer, None)
@@ -203,6 +223,17 @@ def nll_per_char(model, tokenizer, conversations) -> float:
             total += -logp.sum().item()
             chars += len(messages[-1]["content"])
     return total / chars
+
+
+def _one_to_one_mass(reader, collate_fn) -> float:
+    """The teacher's top-k mass that the collator's map takes, averaged over its shared-term rows."""
+    mass = rows = 0.0
+    for sample in reader.iter_samples(shuffle=False, seed=0):
+        starts = collate_fn.alignments[sample.sample_id].chunk_start
+        per_row = shared_topk_mass(sample, collate_fn.shared_map.numpy())
+        mass += float(per_row[starts[starts >= 0]].sum())
+        rows += int((starts >= 0).sum())
+    return mass / rows if rows else 0.0
 
 
 def _batch(collate_fn, rows_by_id: dict, ids: list[str]) -> dict:

@@ -454,6 +454,8 @@ def ensure_toy_assets(root: Path, *, profile: str = "demo") -> ToyAssets:
 CROSS_STUDENTS = {
     "demo": ("tokenizer-6k-llama", {"vocab_size": 6000, "split": "student", "corpus_chars": 2_000_000,
                                     "style": "llama"}, "student-small-llama"),
+    "quality": ("tokenizer-6k-llama", {"vocab_size": 6000, "split": "student", "corpus_chars": 2_000_000,
+                                       "style": "llama"}, "student-quality-llama"),
     "test": ("tokenizer-test-llama", {"vocab_size": 400, "split": "student", "corpus_chars": 100_000,
                                       "style": "llama"}, "student-test-llama"),
 }

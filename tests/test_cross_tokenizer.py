@@ -17,7 +17,7 @@ from pipeline.cache import LogitCacheReader
 from pipeline.config import config_from_dict
 from pipeline.cross_tokenizer.alignment import CrossAligner
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
-from pipeline.cross_tokenizer.vocab import shared_vocab_map
+from pipeline.cross_tokenizer.vocab import shared_vocab_map, token_texts
 from pipeline.errors import UserError
 from pipeline.student import output_head, response_hidden_states
 from stages import gen_logits, train_student
@@ -87,6 +87,21 @@ def test_sentencepiece_teacher_gives_multi_token_chunks(real_tokenizer_dir):
     assert (rows > 1).any() or (t_rows > 1).any()  # some chunk is not 1:1
     assert ((rows == 1) & (t_rows == 1)).sum() == (a.one_to_one >= 0).sum()
     assert [teacher.convert_ids_to_tokens(t) for t in cross.end_of_turn_pair()] == ["<end_of_turn>"]
+    # Every chunk has one start: its first student row, paired with its first teacher row, and both of
+    # those tokens begin at the same character of the text.
+    starts = np.nonzero(a.chunk_start >= 0)[0]
+    assert len(starts) == a.num_chunks
+    assert [int(a.chunk_of_row[j]) for j in starts] == list(range(a.num_chunks))
+    s_enc, t_enc = cross.student.encode(messages, "rec"), cross.teacher.encode(messages, "rec")
+    t_ids, t_positions = cross.teacher.tokenize(messages, "rec")
+    s_core, t_core = s_enc.pieces[0].cores[0][0], t_enc.pieces[0].cores[0][0]
+    for j in starts:
+        first_teacher_rows = a.chunk_teacher[1][a.chunk_teacher[0] == a.chunk_of_row[j]]
+        assert a.chunk_start[j] == first_teacher_rows.min()
+        s_at = s_enc.offsets[a.positions[j]][0] - s_core
+        t_at = t_enc.offsets[t_positions[a.chunk_start[j]]][0] - t_core
+        if a.chunk_of_row[j] < a.num_chunks - 1:  # the last chunk is the end-of-turn, outside the core
+            assert s_at == t_at
 
 
 def test_shared_vocabulary_compares_decoded_text_not_spelling(real_tokenizer_dir):
@@ -99,6 +114,24 @@ def test_shared_vocabulary_compares_decoded_text_not_spelling(real_tokenizer_dir
     assert mapping[gemma.convert_tokens_to_ids("<end_of_turn>")] == 151645
     assert mapping[gemma.convert_tokens_to_ids("<bos>")] == -1  # special tokens only by role
     assert 20_000 < (mapping >= 0).sum() < len(gemma)
+
+
+def test_projection_sends_missing_teacher_tokens_to_the_students_first_token(real_tokenizer_dir):
+    """Llama 3 writes numbers in tokens of up to three digits, Qwen2.5 digit by digit: "201" has no
+    Qwen2.5 token, so its mass goes to "2", the token Qwen2.5 starts that text with."""
+    llama = AutoTokenizer.from_pretrained(real_tokenizer_dir("llama3"))
+    qwen = AutoTokenizer.from_pretrained(real_tokenizer_dir("qwen2_5"))
+    exact = shared_vocab_map(llama, qwen)
+    projected = shared_vocab_map(llama, qwen, project=True)
+    assert exact[llama.convert_tokens_to_ids("201")] == -1
+    assert projected[llama.convert_tokens_to_ids("201")] == qwen.convert_tokens_to_ids("2")
+    assert (projected[exact >= 0] == exact[exact >= 0]).all()  # same-text tokens keep their match
+    teacher_texts, student_texts = token_texts(llama), token_texts(qwen)
+    new = np.nonzero((exact < 0) & (projected >= 0))[0]
+    assert len(new) > 10_000
+    # A projected token is always a proper prefix of the teacher token's text (else it were exact).
+    assert all(teacher_texts[t].startswith(student_texts[projected[t]]) for t in new)
+    assert all(len(student_texts[projected[t]]) < len(teacher_texts[t]) for t in new)
 
 
 # --- end to end on tiny models: a ChatML teacher, a student with Llama 3's turn format ---------------------
@@ -176,7 +209,7 @@ def test_train_student_across_tokenizers_moves_the_student_towards_the_teacher(
     report = summary["metrics"]["cross_tokenizer_alignment"]
     assert report["loss"] == loss and report["samples"] == 24
     assert 0.9 < report["aligned_char_share"] <= 1.0
-    assert 0 < report["shared_vocab_chunk_share"] <= 1.0 and 0 < report["shared_vocab_topk_mass"] <= 1.0
+    assert 0 < report["one_to_one_chunk_share"] <= 1.0 and 0 < report["shared_vocab_topk_mass"] <= 1.0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["cross_tokenizer_alignment"] == report
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_student_dir), str(tmp_path / "out"))

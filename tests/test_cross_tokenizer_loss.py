@@ -116,3 +116,26 @@ def test_the_head_never_splits_an_aligned_chunk_and_matches_one_pass():
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_tokens_sent_to_one_student_token_make_one_class():
+    """The shared-vocabulary KL needs each student class once: the mass of teacher tokens that map to the
+    same student id is summed (compared with a float64 sum by id), unmapped entries stay out."""
+    from pipeline.cross_tokenizer.batches import merge_classes
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[3, 5, 3, 7, 5, 2], [1, 1, 1, 4, 0, 0], [9, 8, 7, 6, 5, 4]])
+    logprobs = torch.log_softmax(torch.randn(3, 8, generator=g), 1)[:, :6].contiguous()
+    logprobs[0, 4] = -math.inf  # unmapped: its id (5) must not collect its mass
+    merged = merge_classes(ids, logprobs)
+    for r in range(3):
+        expected: dict[int, float] = {}
+        for i, lp in zip(ids[r].tolist(), logprobs[r].double().tolist(), strict=True):
+            if math.isfinite(lp):
+                expected[i] = expected.get(i, 0.0) + math.exp(lp)
+        kept = torch.isfinite(merged[r])
+        got = dict(zip(ids[r][kept].tolist(), merged[r][kept].double().exp().tolist(), strict=True))
+        assert len(got) == kept.sum()  # each id once
+        assert got.keys() == expected.keys()
+        assert all(math.isclose(got[i], expected[i], rel_tol=1e-6) for i in expected)
+    assert torch.equal(merged[2], logprobs[2])  # no duplicates: unchanged

@@ -42,6 +42,7 @@ class SampleAlignment:
     chunk_teacher: np.ndarray  # int64 [2, M] (chunk, teacher row) for every teacher row in a chunk
     num_chunks: int
     one_to_one: np.ndarray  # int64 [R] the teacher row of a chunk that is one token on both sides, else -1
+    chunk_start: np.ndarray  # int64 [R] on a chunk's first student row, the chunk's first teacher row, else -1
     paired: np.ndarray  # int64 [R] the teacher row whose token holds the student token's first character
     response_chars: int  # characters of the assistant text (cores) on the student side
     aligned_chars: int  # of which inside chunks
@@ -108,6 +109,7 @@ class CrossAligner:
             chunk_teacher=np.asarray([builder.teacher_chunks, builder.teacher_rows], dtype=np.int64).reshape(2, -1),
             num_chunks=builder.num_chunks,
             one_to_one=builder.one_to_one,
+            chunk_start=builder.chunk_start,
             paired=builder.paired,
             response_chars=response_chars,
             aligned_chars=builder.aligned_chars,
@@ -159,6 +161,7 @@ class _ChunkBuilder:
     def __init__(self, student_rows: int):
         self.chunk_of_row = np.full(student_rows, -1, dtype=np.int64)
         self.one_to_one = np.full(student_rows, -1, dtype=np.int64)
+        self.chunk_start = np.full(student_rows, -1, dtype=np.int64)
         self.paired = np.full(student_rows, -1, dtype=np.int64)
         self.teacher_chunks: list[int] = []
         self.teacher_rows: list[int] = []
@@ -171,6 +174,9 @@ class _ChunkBuilder:
         self.teacher_chunks += [c] * len(t_rows)
         self.teacher_rows += t_rows
         self.chunk_of_row[s_rows] = c
+        # Both sides' first tokens of a chunk start at the same character: their next-token
+        # distributions describe the same continuation (the shared-vocabulary term compares them).
+        self.chunk_start[s_rows[0]] = t_rows[0]
         if len(t_rows) == 1 and len(s_rows) == 1:
             self.one_to_one[s_rows[0]] = t_rows[0]
             self.paired[s_rows[0]] = t_rows[0]

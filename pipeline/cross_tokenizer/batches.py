@@ -26,7 +26,7 @@ class AlignmentReport:
     one_to_one_chunks: int = 0
     student_rows: int = 0
     rows_in_chunks: int = 0
-    shared_mass: float = 0.0  # sum over 1:1 rows of the teacher top-k mass whose tokens the student has
+    shared_mass: float = 0.0  # sum over chunk starts of the teacher top-k mass the vocabulary map covers
 
     def add(self, a: SampleAlignment, teacher_row_mass: np.ndarray | None) -> None:
         self.samples += 1
@@ -37,7 +37,7 @@ class AlignmentReport:
         self.student_rows += len(a.positions)
         self.rows_in_chunks += int((a.chunk_of_row >= 0).sum())
         if teacher_row_mass is not None:
-            self.shared_mass += float(teacher_row_mass[a.one_to_one[a.one_to_one >= 0]].sum())
+            self.shared_mass += float(teacher_row_mass[a.chunk_start[a.chunk_start >= 0]].sum())
 
     def to_dict(self) -> dict[str, Any]:
         def share(part: float, whole: float) -> float:
@@ -48,8 +48,8 @@ class AlignmentReport:
             "aligned_char_share": share(self.aligned_chars, self.response_chars),
             "chunks": self.chunks,
             "chars_per_chunk": share(self.aligned_chars, self.chunks),
-            "shared_vocab_chunk_share": share(self.one_to_one_chunks, self.chunks),
-            "shared_vocab_topk_mass": share(self.shared_mass, self.one_to_one_chunks),
+            "one_to_one_chunk_share": share(self.one_to_one_chunks, self.chunks),
+            "shared_vocab_topk_mass": share(self.shared_mass, self.chunks),
             "student_rows_in_chunks": share(self.rows_in_chunks, self.student_rows),
         }
 
@@ -80,7 +80,7 @@ class CrossCollator:
             logprob.index_add_(0, chunk_ids, teacher.target_logprobs.double()[teacher_rows])
             chunk_logprobs.append(logprob)
             chunk_base += a.num_chunks
-            shared.append(self._shared(teacher, torch.from_numpy(a.one_to_one)))
+            shared.append(self._shared(teacher, torch.from_numpy(a.chunk_start)))
             uld.append(_paired_probs(teacher, torch.from_numpy(a.paired)))
         cross = CrossRows(
             chunk=torch.cat(chunks),
@@ -93,7 +93,8 @@ class CrossCollator:
         return {**tokens, "cross": cross}
 
     def _shared(self, teacher: CacheSample, teacher_row: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The teacher's top-k of each 1:1 row, in student ids; the rest mass log(1 - sum p) in float64."""
+        """The teacher's top-k at each chunk start, in student ids (several teacher tokens mapped to one
+        student token make one class with their summed mass); the rest mass log(1 - sum p) in float64."""
         n, k = len(teacher_row), teacher.topk_ids.shape[1]
         has = teacher_row >= 0
         ids = torch.zeros((n, k), dtype=torch.long)
@@ -102,12 +103,24 @@ class CrossCollator:
         if has.any() and k:
             source = teacher_row[has]
             mapped = self.shared_map[teacher.topk_ids[source].clamp(min=0, max=len(self.shared_map) - 1)]
-            lp = teacher.topk_logprobs[source].masked_fill(mapped < 0, -math.inf)
+            lp = merge_classes(mapped, teacher.topk_logprobs[source].masked_fill(mapped < 0, -math.inf))
             ids[has] = mapped.clamp(min=0)
             logprobs[has] = lp
             mass = lp.double().exp().sum(1)
             rest[has] = torch.log1p(-mass.clamp(max=1.0)).float()
         return ids, logprobs, rest
+
+
+def merge_classes(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """logprobs [m, k] with the mass of entries that share an id summed into the first of them (the
+    others -inf): the shared-vocabulary KL needs each student class once."""
+    valid = torch.isfinite(logprobs)
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    first = same.int().argmax(1)  # [m, k]: the first entry with entry j's id (j itself if it is first)
+    mass = torch.zeros(logprobs.shape, dtype=torch.float64).scatter_add_(
+        1, first, logprobs.double().exp().masked_fill(~valid, 0.0))
+    is_first = valid & (first == torch.arange(ids.shape[1]))
+    return torch.where(is_first, mass.log(), -math.inf).to(logprobs.dtype)
 
 
 def _paired_probs(teacher: CacheSample, teacher_row: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,12 @@ Per student response row r (logits z_r, softmax q_r over the student's vocabular
              e_{t_r} - q_r for every row r of the chunk. Why tau: at tau = 1 an unlikely chunk (P, Q << 1, as
              for most chunks of a flat teacher) gives dD/db ~ Q - P ~ 0, no signal at all; as tau grows,
              dD/db -> l_T / l_S - 1, a signal of the same size for every chunk, likely or not.
-    shared   (GOLD-style) where a chunk is one token on both sides: forward KL between the teacher's top-k,
-             its ids mapped to the student's vocabulary where the token text exists there
-             (pipeline.cross_tokenizer.vocab), and the student over the same classes plus one class for the
-             rest of each vocabulary: sum_{i in S} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest), with
+    shared   (GOLD-style) at the start of every aligned chunk, where the student's first token of the chunk
+             and the teacher's begin at the same character: forward KL between the teacher's top-k there, its
+             ids mapped into the student's vocabulary (same text, else the student's first token of that
+             text: pipeline.cross_tokenizer.vocab; teacher tokens mapped to one student token are one class
+             with their summed mass), and the student over the same classes plus one class for the rest of
+             each vocabulary: sum_{i in S} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest), with
              p_rest = 1 - sum_{i in S} p_i (top-k entries without a student token fall into it).
     uld      (Boizard et al. 2024) sum_{i <= k} |p_(i) - q_(i)| between the teacher's k largest probabilities
              (the cached top-k of the teacher row whose token holds the student token's first character)
@@ -52,8 +54,8 @@ class CrossRows:
 
     chunk: Tensor  # int64 [N] the row's aligned chunk (an index into chunk_logprob), -1 in none
     chunk_logprob: Tensor  # float64 [C] l_T(c): the teacher's log-probability of each chunk
-    shared_ids: Tensor  # int64 [N, k] teacher top-k mapped to student ids; only where `shared_logprobs` is finite
-    shared_logprobs: Tensor  # float32 [N, k] their teacher log-probs; -inf = no class (unmapped, or no 1:1 chunk)
+    shared_ids: Tensor  # int64 [N, k] teacher top-k in student ids, each once; where shared_logprobs is finite
+    shared_logprobs: Tensor  # float32 [N, k] their teacher log-probs; -inf = no class (unmapped, or no chunk start)
     shared_rest: Tensor  # float32 [N] log p_rest; NaN on rows without the shared term
     uld_probs: Tensor  # float32 [N, k] the paired teacher row's top-k probabilities, descending; NaN row = unpaired
 

@@ -51,7 +51,7 @@ def prepare_cross_tokenizer(
             "made with). Give the student's tokenizer_config.json a chat_template."
         ) from None
     aligner = CrossAligner(teacher, student, config.distillation.max_seq_length)
-    shared_map = shared_vocab_map(teacher_tokenizer, student_tokenizer, aligner.end_of_turn_pair())
+    shared_map = shared_vocab_map(teacher_tokenizer, student_tokenizer, aligner.end_of_turn_pair(), project=True)
     alignments, report = {}, AlignmentReport()
     for sample in reader.iter_samples(shuffle=False, seed=0):
         where = f"{config.dataset.labeled_path} (sample {sample.sample_id!r})"
@@ -65,17 +65,17 @@ def prepare_cross_tokenizer(
         report.add(alignment, shared_topk_mass(sample, shared_map) if reader.k else None)
     summary = {
         "loss": loss,
-        "shared_vocab_tokens": int((shared_map >= 0).sum()),
+        "mapped_teacher_tokens": int((shared_map >= 0).sum()),
         "teacher_vocab": len(shared_map),
         **report.to_dict(),
     }
     log.info(
         "cross-tokenizer alignment (%s): %.1f%% of %d response characters in %d aligned chunks (%.2f chars "
-        "each); %.1f%% of the chunks are one token on both sides (the shared-vocabulary term), where the "
-        "student's vocabulary holds %.1f%% of the teacher's top-k mass; %d of %d teacher tokens shared",
+        "each, %.1f%% of them one token on both sides); at chunk starts the student's vocabulary takes "
+        "%.1f%% of the teacher's top-k mass (the shared-vocabulary term); %d of %d teacher tokens mapped",
         loss, 100 * summary["aligned_char_share"], report.response_chars, report.chunks,
-        summary["chars_per_chunk"], 100 * summary["shared_vocab_chunk_share"],
-        100 * summary["shared_vocab_topk_mass"], summary["shared_vocab_tokens"], summary["teacher_vocab"],
+        summary["chars_per_chunk"], 100 * summary["one_to_one_chunk_share"],
+        100 * summary["shared_vocab_topk_mass"], summary["mapped_teacher_tokens"], summary["teacher_vocab"],
     )
     pad_id = student_tokenizer.pad_token_id
     if pad_id is None:

@@ -6,6 +6,14 @@ anchor token and the anchor's text is cut off, which keeps the leading space tha
 drop at the start of a text. Tokens that decode to no whole text (a byte of a multi-byte character), to
 the same text as another token of their vocabulary, or that are added/special tokens are not shared;
 the end-of-turn tokens are matched by role instead (see `role_pairs`).
+
+`shared_vocab_map(..., project=True)` goes further for the shared-vocabulary term: a teacher token the
+student lacks is sent to the student's first token of the same text (" hello" -> " hel" when the student
+writes " hel" "lo"), the token the student must emit first to continue with that text. A teacher token's
+probability is the probability that the continuation starts with its text; under the student's
+tokenization that continuation starts with the projected token (exactly so where the student's
+tokenization of the longer text starts with the same token, which pre-tokenization at word boundaries
+makes the common case).
 """
 
 from __future__ import annotations
@@ -33,10 +41,14 @@ def token_texts(tokenizer: Any) -> list[str | None]:
     return texts
 
 
-def shared_vocab_map(teacher: Any, student: Any, role_pairs: dict[int, int] | None = None) -> np.ndarray:
+def shared_vocab_map(
+    teacher: Any, student: Any, role_pairs: dict[int, int] | None = None, *, project: bool = False
+) -> np.ndarray:
     """int64 [teacher vocabulary]: the student id of each teacher token with the same text, else -1.
 
-    `role_pairs` (teacher id -> student id, e.g. <|eot_id|> -> <|im_end|>) are added on top.
+    `project`: a teacher token without one goes to the student's first token of its text, when that
+    token's text is a prefix of it (see the module docstring). `role_pairs` (teacher id -> student id,
+    e.g. <|eot_id|> -> <|im_end|>) are added on top.
     """
     teacher_texts, student_texts = token_texts(teacher), token_texts(student)
     student_ids = _unique_index(student_texts)
@@ -46,6 +58,14 @@ def shared_vocab_map(teacher: Any, student: Any, role_pairs: dict[int, int] | No
         s_id = student_ids.get(text)
         if s_id is not None:
             mapping[t_id] = s_id
+    missing = [i for i, text in enumerate(teacher_texts) if text is not None and mapping[i] < 0] if project else []
+    if missing:
+        encoded = student([teacher_texts[i] for i in missing], add_special_tokens=False)["input_ids"]
+        for t_id, ids in zip(missing, encoded, strict=True):
+            first = student_texts[ids[0]] if ids and ids[0] < len(student_texts) else None
+            # A SentencePiece student may write a space of its own first: then its token is no prefix.
+            if first is not None and teacher_texts[t_id].startswith(first):
+                mapping[t_id] = ids[0]
     for t_id, s_id in (role_pairs or {}).items():
         mapping[t_id] = s_id
     return mapping
