@@ -110,11 +110,19 @@ def main() -> int:
     print(f"alignment: {100 * report['aligned_char_share']:.1f}% of response characters in {report['chunks']} "
           f"chunks ({report['chars_per_chunk']:.2f} chars each, {100 * report['one_to_one_chunk_share']:.1f}% "
           f"one token on both sides); at chunk starts the student's vocabulary takes "
-          f"{100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 mass "
+          f"{100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 mass and "
+          f"{100 * report['shared_vocab_mass']:.1f}% of its whole mass with the sampled tail "
           f"({report['mapped_teacher_tokens']} of {report['teacher_vocab']} teacher tokens mapped); same-text "
           f"tokens alone ({int((exact_map >= 0).sum())}) take {100 * exact_mass:.1f}% on the 1:1 chunks",
           flush=True)
     report["exact_text_topk_mass_one_to_one"] = exact_mass
+    # Why the two students start apart: how many characters each tokenizer packs into a token here.
+    held_out_text = [m[-1]["content"] for m in held_out]
+    chars_per_token = {Path(s).name: sum(map(len, held_out_text)) / sum(
+        len(ids) for ids in tokenizers[s](held_out_text, add_special_tokens=False)["input_ids"]) for s in tokenizers}
+    print("characters per token of the held-out responses: "
+          + ", ".join(f"{name} {value:.2f}" for name, value in chars_per_token.items()), flush=True)
+    report["held_out_chars_per_token"] = chars_per_token
 
     same = functools.partial(collate, pad_id=tokenizers[assets.student_dir].pad_token_id, max_seq_length=512)
     kd = args.kd_ratio
@@ -126,11 +134,15 @@ def main() -> int:
     for tau in (1.0, 10.0, 100.0):
         variants.append((f"chunk likelihood, tau {tau:g}", cross_student, cross_collate,
                          KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk", chunk_temperature=tau)))
+    # Session 5's term, side by side: every chunk start, projected map, the top-64 with the tail as one
+    # bucket class (what `distillation.tail: bucket` gives).
+    bucket_collate = CrossCollator(cross_collate.alignments, cross_collate.shared_map.numpy(),
+                                   cross_collate.pad_id, sampled_tail=False)
+    shared_spec = KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)
     variants += [
-        ("chunk + shared on 1:1 chunks, same-text only, tau 10", cross_student, one_to_one_collate,
-         KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)),
-        ("chunk likelihood + shared vocabulary, tau 10", cross_student, cross_collate,
-         KDLossSpec(kd_ratio=kd, cross_tokenizer="chunk+shared", chunk_temperature=10.0)),
+        ("chunk + shared on 1:1 chunks, same-text only, tau 10", cross_student, one_to_one_collate, shared_spec),
+        ("chunk + shared, projected, top-64 bucket, tau 10", cross_student, bucket_collate, shared_spec),
+        ("chunk + shared, projected, top-64 + sampled tail, tau 10", cross_student, cross_collate, shared_spec),
         ("same-tokenizer student, SFT only", assets.student_dir, same, KDLossSpec(kd_ratio=0.0)),
         ("same-tokenizer student, cached KD (reference)", assets.student_dir, same, KDLossSpec(kd_ratio=kd)),
     ]
@@ -148,12 +160,12 @@ def main() -> int:
     sft, reference = results[0]["nll_per_char"], results[-1]["nll_per_char"]
     print(f"\nCross-tokenizer quality: {args.steps} steps x batch {args.batch_size}, LoRA r=16, lr {args.lr}, "
           f"kd_ratio {kd}; NLL per character of {len(held_out)} teacher-sampled held-out responses")
-    print(f"{'row':<50}{'NLL/char':>10}{'gap closed':>12}")
+    print(f"{'row':<60}{'NLL/char':>10}{'gap closed':>12}")
     for s, value in before.items():
-        print(f"{'before training: ' + Path(s).name:<50}{value:>10.4f}")
+        print(f"{'before training: ' + Path(s).name:<60}{value:>10.4f}")
     for r in results:
         r["gap_closed"] = (sft - r["nll_per_char"]) / (sft - reference) if sft != reference else float("nan")
-        print(f"{r['name']:<50}{r['nll_per_char']:>10.4f}{100 * r['gap_closed']:>11.1f}%")
+        print(f"{r['name']:<60}{r['nll_per_char']:>10.4f}{100 * r['gap_closed']:>11.1f}%")
     cross_rows = [r for r in results if r["student"] == str(cross_student)][1:]
     best = max(cross_rows, key=lambda r: r["gap_closed"])
     verdict = "MET" if best["gap_closed"] >= 0.8 else "NOT MET"
@@ -166,7 +178,7 @@ def main() -> int:
     print(f"Gain over the student's own SFT, as a share of the same-tokenizer KD's gain over its SFT "
           f"({same_gain:.4f} nats/char):")
     for r in cross_rows:
-        print(f"  {r['name']:<48}{100 * r['share_of_same_tokenizer_kd_gain']:>7.1f}%")
+        print(f"  {r['name']:<58}{100 * r['share_of_same_tokenizer_kd_gain']:>7.1f}%")
     out = work / f"results_kd{kd}_steps{args.steps}_seed{args.seed}.json"
     record = {"args": vars(args), "alignment": report, "before": {str(k): v for k, v in before.items()},
               "rows": results}

@@ -154,11 +154,20 @@ def cross_cache(tmp_path_factory, tiny_model_dir, tiny_dataset_path, llama_stude
     return cache
 
 
-def cross_config(cache, teacher, dataset, student, out, loss="chunk+shared", **distillation):
+@pytest.fixture(scope="module")
+def sampled_cross_cache(tmp_path_factory, tiny_model_dir, tiny_dataset_path, llama_student_dir) -> Path:
+    """The same cache with 8 sampled tail draws per position (a hybrid cache)."""
+    cache = tmp_path_factory.mktemp("cross_sampled") / "cache"
+    gen_logits.run(cross_config(cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, None, tail_samples=8))
+    return cache
+
+
+def cross_config(cache, teacher, dataset, student, out, loss="chunk+shared", tail_samples=0, **distillation):
     raw = {
         "dataset": {"labeled_path": str(dataset), "logits_path": str(cache), "seed": 0},
         "models": {"teacher": str(teacher), "student": str(student)},
-        "inference": {"engine": "hf", "top_logits_num": 16, "dtype": "float32", "batch_size": 8},
+        "inference": {"engine": "hf", "top_logits_num": 16, "tail_samples": tail_samples, "dtype": "float32",
+                      "batch_size": 8},
         "distillation": {"chunk_size": 32, "cross_tokenizer": loss, "kd_ratio": 1.0, **distillation},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "training": {
@@ -218,6 +227,38 @@ def test_train_student_across_tokenizers_moves_the_student_towards_the_teacher(
         assert np.isfinite(after)
     else:  # the chunk loss pulls the student's chunk likelihoods to the teacher's; CE alone does not
         assert after < before and after < sft - 0.05, (before, sft, after)
+
+
+def test_the_shared_term_takes_the_sampled_tail_of_a_hybrid_cache(
+    tmp_path, sampled_cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, gaps_without_kd
+):
+    """tail auto on a hybrid cache: the shared term's targets reach past the top-k (more of the teacher's
+    mass is placed on student tokens), and training still pulls the chunk likelihoods closer to the
+    teacher's than CE alone does."""
+    config = cross_config(sampled_cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir,
+                          tmp_path / "out", tail_samples=8)
+    report = train_student.run(config, resume=False)["metrics"]["cross_tokenizer_alignment"]
+    assert report["shared_tail"] == "sampled"
+    assert report["shared_vocab_topk_mass"] < report["shared_vocab_mass"] <= 1.0 + 1e-6
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_student_dir), str(tmp_path / "out"))
+    _, sft = gaps_without_kd
+    after = chunk_gap(student.eval(), config, sampled_cross_cache)
+    assert after < sft - 0.05, (sft, after)
+    bucket = cross_config(sampled_cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir,
+                          tmp_path / "bucket", tail_samples=8, tail="bucket")
+    collate, report = prepare_cross_tokenizer(bucket, LogitCacheReader(sampled_cross_cache),
+                                              AutoTokenizer.from_pretrained(llama_student_dir))
+    assert report["shared_tail"] == "bucket" and not collate.sampled_tail
+
+
+def test_shared_tail_settings_the_cache_cannot_serve_are_refused(tmp_path, cross_cache, tiny_model_dir,
+                                                                 tiny_dataset_path, llama_student_dir):
+    for tail, message in (("sampled", "needs a cache with tail samples"), ("renormalize", "no cross-tokenizer form")):
+        config = cross_config(cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, tmp_path / tail,
+                              tail=tail)
+        with pytest.raises(UserError, match=message):
+            train_student.run(config, resume=False)
+        assert not (tmp_path / tail).exists()
 
 
 def test_a_differing_tokenizer_needs_a_cross_tokenizer_loss(tmp_path, cross_cache, tiny_model_dir,

@@ -139,3 +139,89 @@ def test_teacher_tokens_sent_to_one_student_token_make_one_class():
         assert got.keys() == expected.keys()
         assert all(math.isclose(got[i], expected[i], rel_tol=1e-6) for i in expected)
     assert torch.equal(merged[2], logprobs[2])  # no duplicates: unchanged
+
+
+def _teacher_rows(vocab: int, rows: int, k: int, draws: int, trials: int, seed: int):
+    """A CacheSample of `trials` independent tail draws for each of `rows` teacher distributions."""
+    from pipeline.records import CacheSample
+    from pipeline.tail_sampling import draw_tail
+    from pipeline.topk import topk_from_logits
+
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 1.5).repeat(trials, 1)
+    n = logits.shape[0]
+    top = topk_from_logits(logits.float(), torch.zeros(n, dtype=torch.long), k)
+    tail = draw_tail(logits.float(), top.ids, torch.rand(n, draws, generator=g, dtype=torch.float64))
+    sample = CacheSample("s", torch.zeros(n + 1, dtype=torch.long), torch.arange(1, n + 1), top.ids.long(),
+                         top.logprobs, top.logprobs[:, 0], top.tail_logmass, tail.ids, tail.counts, tail.logprobs)
+    return sample, torch.softmax(logits[:rows], 1)
+
+
+def _shared_gradient(z, sample, shared_map, sampled_tail: bool) -> torch.Tensor:
+    from pipeline.cross_tokenizer.batches import shared_targets
+
+    n = z.shape[0]
+    ids, logprobs, rest = shared_targets(sample, torch.arange(n), shared_map, sampled_tail)
+    rows = CrossRows(torch.full((n,), -1), torch.zeros(0, dtype=torch.float64), ids, logprobs, rest,
+                     torch.full((n, 1), math.nan))
+    _, _, dz = cross_loss_and_grad(z.clone(), torch.zeros(n, dtype=torch.long), rows, "chunk+shared", 10.0, 0.0, 1.0)
+    return dz.double()
+
+
+def test_sampled_shared_targets_give_an_unbiased_gradient_of_the_projected_teacher():
+    """Every teacher token maps (many to one) into a smaller student vocabulary: the shared term's mean
+    gradient over independent tail draws is q - P, P the teacher's distribution summed per student token,
+    within the standard error the draws predict; the top-k with a bucket rest fails the same check."""
+    t_vocab, s_vocab, k, draws, trials, rows = 48, 20, 4, 8, 3000, 3
+    shared_map = torch.randperm(t_vocab, generator=torch.Generator().manual_seed(1)) % s_vocab
+    sample, p = _teacher_rows(t_vocab, rows, k, draws, trials, seed=0)
+    z = torch.randn(rows, s_vocab, generator=torch.Generator().manual_seed(2))
+    projected = torch.zeros(rows, s_vocab, dtype=torch.float64).index_add_(1, shared_map, p)
+    exact = torch.softmax(z.double(), 1) - projected
+    mean = _shared_gradient(z.repeat(trials, 1), sample, shared_map, True).view(trials, rows, s_vocab).mean(0)
+    # Var(p_hat_s) = r^2 pi_s (1 - pi_s) / U, pi_s the tail's share that lands on student token s.
+    tail_p = p.scatter(1, torch.topk(p, k, dim=1).indices, 0.0)
+    r = tail_p.sum(1, keepdim=True)
+    pi = torch.zeros(rows, s_vocab, dtype=torch.float64).index_add_(1, shared_map, tail_p) / r
+    sigma = torch.sqrt(r**2 * pi * (1 - pi) / draws / trials).clamp(min=1e-6)
+    z_scores = ((mean - exact) / sigma).abs()
+    assert z_scores.max() < 5.0, z_scores.max()
+    bucket = _shared_gradient(z, _teacher_rows(t_vocab, rows, k, draws, 1, seed=0)[0], shared_map, False)
+    assert ((bucket - exact) / sigma).abs().max() > 20.0
+
+
+def test_shared_targets_sum_each_student_class_and_keep_the_unmapped_mass_apart():
+    """float64 by hand: per student id the summed mass of its teacher entries (top-k exact, draws at
+    r c_j / U); the rest is the unmapped entries' mass, plus the tail r when the draws are not used."""
+    from pipeline.cross_tokenizer.batches import shared_targets
+
+    t_vocab, s_vocab = 30, 12
+    sample, _ = _teacher_rows(t_vocab, 5, 3, 6, 1, seed=4)
+    shared_map = torch.randperm(t_vocab, generator=torch.Generator().manual_seed(5)) % s_vocab
+    shared_map[torch.arange(0, t_vocab, 4)] = -1  # every fourth teacher token has no student token
+    starts = torch.tensor([0, -1, 2, 3, 4])
+    for sampled in (True, False):
+        ids, logprobs, rest = shared_targets(sample, starts, shared_map, sampled)
+        assert torch.isnan(rest[1]) and torch.isinf(logprobs[1]).all()
+        for row in (0, 2, 3, 4):
+            r = math.exp(sample.tail_logmass[row].item())
+            entries = list(zip(sample.topk_ids[row].tolist(), sample.topk_logprobs[row].double().exp().tolist(),
+                               strict=True))
+            if sampled:
+                counts = sample.sample_counts[row].double()
+                entries += [(i, r * c / counts.sum().item()) for i, c in
+                            zip(sample.sample_ids[row].tolist(), counts.tolist(), strict=True) if c > 0]
+            expected, unmapped = {}, 0.0 if sampled else r
+            for teacher_id, mass in entries:
+                student_id = int(shared_map[teacher_id])
+                if student_id < 0:
+                    unmapped += mass
+                else:
+                    expected[student_id] = expected.get(student_id, 0.0) + mass
+            kept = torch.isfinite(logprobs[row])
+            got = dict(zip(ids[row][kept].tolist(), logprobs[row][kept].double().exp().tolist(), strict=True))
+            assert len(got) == int(kept.sum())
+            assert got.keys() == expected.keys()
+            assert all(math.isclose(got[i], expected[i], rel_tol=1e-5) for i in expected)
+            assert math.exp(rest[row].item()) == pytest.approx(unmapped, rel=1e-5)
+            assert sum(got.values()) + unmapped == pytest.approx(1.0, rel=1e-5)

@@ -14,12 +14,17 @@ Per student response row r (logits z_r, softmax q_r over the student's vocabular
              for most chunks of a flat teacher) gives dD/db ~ Q - P ~ 0, no signal at all; as tau grows,
              dD/db -> l_T / l_S - 1, a signal of the same size for every chunk, likely or not.
     shared   (GOLD-style) at the start of every aligned chunk, where the student's first token of the chunk
-             and the teacher's begin at the same character: forward KL between the teacher's top-k there, its
-             ids mapped into the student's vocabulary (same text, else the student's first token of that
-             text: pipeline.cross_tokenizer.vocab; teacher tokens mapped to one student token are one class
-             with their summed mass), and the student over the same classes plus one class for the rest of
-             each vocabulary: sum_{i in S} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest), with
-             p_rest = 1 - sum_{i in S} p_i (top-k entries without a student token fall into it).
+             and the teacher's begin at the same character: forward KL between the teacher's targets there,
+             their ids mapped into the student's vocabulary (same text, else the student's first token of
+             that text: pipeline.cross_tokenizer.vocab; teacher tokens mapped to one student token are one
+             class with their summed mass), and the student over the same classes S plus one class for the
+             rest of each vocabulary: sum_{i in S} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest). The
+             targets (pipeline.cross_tokenizer.batches.shared_targets) are the exact top-k plus, from a cache
+             with tail samples (`distillation.tail` auto or sampled), each sampled tail token j at
+             r c_j / U: then p_rest is only the mass of entries without a student token, and where every
+             teacher token maps, E[p] is the teacher's distribution projected onto the student's tokens,
+             so the gradient q - p is unbiased, as in same-tokenizer sampled KD. Without samples (tail
+             bucket) p_rest also holds the whole tail mass r, as in the top-k bucket loss.
     uld      (Boizard et al. 2024) sum_{i <= k} |p_(i) - q_(i)| between the teacher's k largest probabilities
              (the cached top-k of the teacher row whose token holds the student token's first character)
              and the student's k largest: no ids are compared, so no alignment of vocabularies is needed.

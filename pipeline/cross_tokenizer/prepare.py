@@ -12,7 +12,7 @@ from pipeline.alignment import ChatRenderer
 from pipeline.cache import LogitCacheReader
 from pipeline.config import Config
 from pipeline.cross_tokenizer.alignment import CrossAligner
-from pipeline.cross_tokenizer.batches import AlignmentReport, CrossCollator, shared_topk_mass
+from pipeline.cross_tokenizer.batches import AlignmentReport, CrossCollator, shared_tail_mass, shared_topk_mass
 from pipeline.cross_tokenizer.vocab import shared_vocab_map
 from pipeline.data import read_records, read_template, to_messages
 from pipeline.errors import UserError
@@ -38,6 +38,7 @@ def prepare_cross_tokenizer(
             f"`distillation.cross_tokenizer: {loss}` compares the teacher's top-k, but the cache "
             f"{reader.cache_dir} is purely sampled (k = 0): use `chunk`, or a cache with top_logits_num > 0."
         )
+    sampled_tail = _shared_tail(config, reader) if loss == "chunk+shared" else False
     teacher_tokenizer = load_tokenizer(_teacher_tokenizer_path(config, identity), role="teacher")
     records = _records(config, identity)
     reasoning = identity.get("dataset", {}).get("reasoning", config.dataset.reasoning)
@@ -62,9 +63,11 @@ def prepare_cross_tokenizer(
             sample.sample_id, messages, sample.input_ids.numpy(), sample.positions.numpy(), where
         )
         alignments[sample.sample_id] = alignment
-        report.add(alignment, shared_topk_mass(sample, shared_map) if reader.k else None)
+        report.add(alignment, shared_topk_mass(sample, shared_map) if reader.k else None,
+                   shared_tail_mass(sample, shared_map) if sampled_tail else None)
     summary = {
         "loss": loss,
+        "shared_tail": "sampled" if sampled_tail else "bucket",
         "mapped_teacher_tokens": int((shared_map >= 0).sum()),
         "teacher_vocab": len(shared_map),
         **report.to_dict(),
@@ -72,15 +75,33 @@ def prepare_cross_tokenizer(
     log.info(
         "cross-tokenizer alignment (%s): %.1f%% of %d response characters in %d aligned chunks (%.2f chars "
         "each, %.1f%% of them one token on both sides); at chunk starts the student's vocabulary takes "
-        "%.1f%% of the teacher's top-k mass (the shared-vocabulary term); %d of %d teacher tokens mapped",
+        "%.1f%% of the teacher's top-k mass and %.1f%% of its whole mass with the sampled tail (the "
+        "shared-vocabulary term, tail %s); %d of %d teacher tokens mapped",
         loss, 100 * summary["aligned_char_share"], report.response_chars, report.chunks,
         summary["chars_per_chunk"], 100 * summary["one_to_one_chunk_share"],
-        100 * summary["shared_vocab_topk_mass"], summary["mapped_teacher_tokens"], summary["teacher_vocab"],
+        100 * summary["shared_vocab_topk_mass"], 100 * summary["shared_vocab_mass"], summary["shared_tail"],
+        summary["mapped_teacher_tokens"], summary["teacher_vocab"],
     )
     pad_id = student_tokenizer.pad_token_id
     if pad_id is None:
         pad_id = student_tokenizer.eos_token_id or 0
-    return CrossCollator(alignments, shared_map, pad_id), summary
+    return CrossCollator(alignments, shared_map, pad_id, sampled_tail=sampled_tail), summary
+
+
+def _shared_tail(config: Config, reader: LogitCacheReader) -> bool:
+    """Whether the shared-vocabulary term takes the cache's sampled tail draws (`distillation.tail`)."""
+    tail = config.distillation.tail
+    if tail == "renormalize":
+        raise UserError(
+            "`distillation.tail: renormalize` has no cross-tokenizer form: the shared-vocabulary term keeps "
+            "the teacher's unmapped and tail mass in a rest class. Use tail `auto`, `bucket` or `sampled`."
+        )
+    if tail == "sampled" and not reader.tail_draws:
+        raise UserError(
+            f"`distillation.tail: sampled` needs a cache with tail samples, but {reader.cache_dir} has none: "
+            "regenerate it with `inference.tail_samples` > 0, or use tail `auto` or `bucket`."
+        )
+    return tail in ("auto", "sampled") and bool(reader.tail_draws)
 
 
 def _teacher_tokenizer_path(config: Config, identity: dict[str, Any]) -> str:
