@@ -30,7 +30,9 @@ bench: setup
 		$(BIN)/python bench/quality.py --profile $$profile --teacher-scale $$scale --seed $$seed --kd-ratio 0.5 || true; \
 	done; done; done
 	-$(BIN)/python -m pip install -q 'matplotlib>=3.8' && $(BIN)/python bench/quality_chart.py
-	for seed in 0 1; do $(BIN)/python bench/cross_tokenizer.py --seed $$seed || true; done
+	for profile in demo quality; do for seed in 0 1; do \
+		$(BIN)/python bench/cross_tokenizer.py --profile $$profile --seed $$seed || true; \
+	done; done
 
 lint: setup
 	$(BIN)/ruff check .
