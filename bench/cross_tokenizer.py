@@ -76,7 +76,7 @@ def main() -> int:
         "models": {"teacher": str(assets.teacher_dir), "student": str(cross_student)},
         "inference": {"engine": "hf", "top_logits_num": K, "tail_samples": DRAWS, "seed": 42, "dtype": "float32",
                       "batch_size": 16},
-        "distillation": {"max_seq_length": 512, "cross_tokenizer": "chunk"},
+        "distillation": {"max_seq_length": 512, "cross_tokenizer": "chunk+shared"},  # sampled shared tail
     }
     from stages import gen_logits
 
@@ -98,6 +98,8 @@ def main() -> int:
     tokenizers = {s: AutoTokenizer.from_pretrained(s) for s in (assets.student_dir, cross_student)}
     # One alignment serves every cross-tokenizer loss: the batches carry all their signals.
     cross_collate, report = prepare_cross_tokenizer(config_from_dict(base, REPO), reader, tokenizers[cross_student])
+    if not cross_collate.sampled_tail:  # the sampled row below would silently be the bucket row again
+        raise SystemExit(f"{cache}: the shared term does not take the sampled tail (no tail draws?)")
     # Session 4's shared-vocabulary term, side by side: only on chunks one token on both sides, only
     # through tokens of the same text (no first-token projection).
     teacher_tok = AutoTokenizer.from_pretrained(assets.teacher_dir)
@@ -109,9 +111,9 @@ def main() -> int:
     exact_mass = _one_to_one_mass(reader, one_to_one_collate)
     print(f"alignment: {100 * report['aligned_char_share']:.1f}% of response characters in {report['chunks']} "
           f"chunks ({report['chars_per_chunk']:.2f} chars each, {100 * report['one_to_one_chunk_share']:.1f}% "
-          f"one token on both sides); at chunk starts the student's vocabulary takes "
-          f"{100 * report['shared_vocab_topk_mass']:.1f}% of the teacher's top-64 mass and "
-          f"{100 * report['shared_vocab_mass']:.1f}% of its whole mass with the sampled tail "
+          f"one token on both sides); at chunk starts the teacher's top-64 entries that map into the student's "
+          f"vocabulary carry {100 * report['shared_vocab_topk_mass']:.1f}% of its probability, "
+          f"{100 * report['shared_vocab_mass']:.1f}% with the sampled tail "
           f"({report['mapped_teacher_tokens']} of {report['teacher_vocab']} teacher tokens mapped); same-text "
           f"tokens alone ({int((exact_map >= 0).sum())}) take {100 * exact_mass:.1f}% on the 1:1 chunks",
           flush=True)

@@ -74,8 +74,8 @@ def prepare_cross_tokenizer(
     }
     log.info(
         "cross-tokenizer alignment (%s): %.1f%% of %d response characters in %d aligned chunks (%.2f chars "
-        "each, %.1f%% of them one token on both sides); at chunk starts the student's vocabulary takes "
-        "%.1f%% of the teacher's top-k mass and %.1f%% of its whole mass with the sampled tail (the "
+        "each, %.1f%% of them one token on both sides); at chunk starts the teacher's top-k entries that map "
+        "into the student's vocabulary carry %.1f%% of its probability, %.1f%% with the sampled tail (the "
         "shared-vocabulary term, tail %s); %d of %d teacher tokens mapped",
         loss, 100 * summary["aligned_char_share"], report.response_chars, report.chunks,
         summary["chars_per_chunk"], 100 * summary["one_to_one_chunk_share"],
