@@ -3,19 +3,22 @@
 Teacher: the demo teacher (8.1M parameters, byte-level BPE of 8,192 tokens trained on one part of the
 Python standard library, ChatML turns). Cross student: the demo student's architecture on a tokenizer of
 6,000 tokens trained on another part, with Llama 3's turn format and special tokens
-(pipeline.toy_models.ensure_cross_assets), pre-trained as briefly as the demo student. Reference: the
-demo student itself (same size, the teacher's tokenizer), trained with same-tokenizer cached KD.
+(pipeline.toy_models.ensure_cross_assets), pre-trained as briefly as the demo student (`--matched-start`:
+for as many steps as it takes to start at the demo student's NLL per character, so that the gap below
+measures distillation rather than the tokenizers). Reference: the demo student itself (same size, the
+teacher's tokenizer), trained with same-tokenizer cached KD. `--profile quality`: the quality profile's
+teacher and students.
 
 Every row trains with the same LoRA, optimizer, batches (the same samples) and steps through the
 product's loss path; the cache is written once by `gen-logits` (top-64 + 24 sampled tail draws: the
-cross losses read its top-64 and target log-probs, the reference its sampled targets).
+cross losses read its top-64, sampled tail and target log-probs, the reference its sampled targets).
 
 Metric, independent of the tokenizer: held-out prompts are answered by the teacher itself (sampled at
 T = 1: its first 96 tokens, whitespace-stripped), and each student's negative log-likelihood of those
 response texts per character. Its expectation is the sequence-level KL(teacher || student) per character
 plus the teacher's entropy, a constant shared by all rows.
 Gap closed = (NLL_SFT - NLL_row) / (NLL_SFT - NLL_reference), SFT being the cross student on CE alone.
-Run: `python bench/cross_tokenizer.py [--steps N] [--seed S]`.
+Run: `python bench/cross_tokenizer.py [--profile demo|quality] [--matched-start] [--steps N] [--seed S]`.
 """
 
 from __future__ import annotations
@@ -62,12 +65,15 @@ def main() -> int:
     parser.add_argument("--kd-ratio", type=float, default=0.5)
     parser.add_argument("--profile", choices=("demo", "quality"), default="demo",
                         help="teacher and students of pipeline.toy_models (quality: longer pre-trained)")
+    parser.add_argument("--matched-start", action="store_true",
+                        help="a cross student pre-trained to start at the same-tokenizer student's NLL/char")
     args = parser.parse_args()
     work = REPO / ".assets" / ("bench_cross" if args.profile == "demo" else f"bench_cross_{args.profile}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    assets, cross_student = ensure_cross_assets(REPO / ".assets" / "toy", profile=args.profile)
+    assets, cross_student = ensure_cross_assets(REPO / ".assets" / "toy", profile=args.profile,
+                                                  matched=args.matched_start)
     work.mkdir(parents=True, exist_ok=True)
     train_path = write_instruction_dataset(work / "train.jsonl", args.train_samples, split="teacher", seed=0)
     cache = work / f"cache_top{K}_u{DRAWS}"
@@ -181,7 +187,7 @@ def main() -> int:
           f"({same_gain:.4f} nats/char):")
     for r in cross_rows:
         print(f"  {r['name']:<58}{100 * r['share_of_same_tokenizer_kd_gain']:>7.1f}%")
-    out = work / f"results_kd{kd}_steps{args.steps}_seed{args.seed}.json"
+    out = work / f"results_kd{kd}_steps{args.steps}_seed{args.seed}{'_matched' if args.matched_start else ''}.json"
     record = {"args": vars(args), "alignment": report, "before": {str(k): v for k, v in before.items()},
               "rows": results}
     out.write_text(json.dumps(record, indent=2))
