@@ -33,6 +33,7 @@ bench: setup
 	for profile in demo quality; do for seed in 0 1; do \
 		$(BIN)/python bench/cross_tokenizer.py --profile $$profile --seed $$seed || true; \
 	done; done
+	for seed in 0 1; do $(BIN)/python bench/cross_tokenizer.py --matched-start --seed $$seed || true; done
 
 lint: setup
 	$(BIN)/ruff check .
