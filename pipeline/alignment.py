@@ -153,7 +153,7 @@ class ChatRenderer:
                 marked.append(m)
                 continue
             content, replaced = m["content"], []
-            for kind, (start, end) in _cores(m["content"]).items():
+            for kind, (start, end) in message_cores(m["content"]).items():
                 if end > start or kind == "answer":  # an empty answer still marks where the turn is
                     replaced.append((start, end, f"kd{salt}x{len(cores)}z"))
                     cores[replaced[-1][2]] = (i, kind, m["content"][start:end])
@@ -230,7 +230,7 @@ class ChatRenderer:
         return rendered[0], (blocks[0] if blocks else [])
 
 
-def _cores(content: str) -> dict[str, tuple[int, int]]:
+def message_cores(content: str) -> dict[str, tuple[int, int]]:
     """Non-whitespace cores of the reasoning (inside <think>...</think>, if any) and of the answer after it."""
     close = content.find(THINK_CLOSE)
     if close < 0:

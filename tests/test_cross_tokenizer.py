@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from pipeline.alignment import ChatRenderer
 from pipeline.cache import LogitCacheReader
 from pipeline.config import config_from_dict
 from pipeline.cross_tokenizer.alignment import CrossAligner
+from pipeline.cross_tokenizer.generated import generated_encoding
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
 from pipeline.cross_tokenizer.vocab import shared_vocab_map, token_texts
 from pipeline.errors import UserError
@@ -134,6 +135,66 @@ def test_projection_sends_missing_teacher_tokens_to_the_students_first_token(rea
     assert all(len(student_texts[projected[t]]) < len(teacher_texts[t]) for t in new)
 
 
+def generated(cross: CrossAligner, prompt, response_ids, eot):
+    """A generate-mode cache sample: the teacher's prompt ids, then its sampled response ids (+ eot)."""
+    p_ids = cross.teacher.tokenizer(cross.teacher.render(prompt, add_generation_prompt=True),
+                                    add_special_tokens=False)["input_ids"]
+    ids = p_ids + response_ids + ([eot] if eot is not None else [])
+    encoding, messages, ended = generated_encoding(cross.teacher, prompt, ids, len(p_ids),
+                                                   {cross.teacher.tokenizer.eos_token_id, *cross.end_of_turn_pair()},
+                                                   "g0", "rec")
+    alignment = cross.align("g0", messages, np.array(ids), np.arange(len(p_ids), len(ids)), "rec",
+                            teacher=encoding, ended=ended)
+    return encoding, messages, ended, alignment
+
+
+def test_a_generated_response_is_aligned_from_its_own_sampled_ids(real_tokenizer_dir):
+    """A sampled tokenization is not the one the tokenizer gives its text ("re" + "turn", the three bytes
+    of "✓" apart): the teacher side is read from the ids, never tokenized again. A response cut before
+    its end of turn leaves the student's end-of-turn untrained."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    cross, llama, qwen = aligner(real_tokenizer_dir("llama3"), real_tokenizer_dir("qwen2_5"))
+    prompt = [{"role": "user", "content": "Write a function."}]
+    text = "def add(a, b):\n    return a + b  # café ✓"
+    response = [i for piece in ["def", " add", "(a", ",", " b", "):\n", "   ", " re", "turn", " a", " +", " b",
+                                "  #", " caf", "é", " "] for i in llama.encode(piece, add_special_tokens=False)]
+    byte_token = bytes_to_unicode()
+    response += [llama.convert_tokens_to_ids(byte_token[b]) for b in "✓".encode()]
+    assert response != llama.encode(text, add_special_tokens=False)  # not canonical
+    eot = llama.convert_tokens_to_ids("<|eot_id|>")
+
+    encoding, messages, ended, a = generated(cross, prompt, response, eot)
+    assert ended and messages == [*prompt, {"role": "assistant", "content": text}]
+    body = encoding.offsets[-len(response) - 1:-1]
+    assert "".join(encoding.text[x:y] for x, y in body[:-3]) + "✓" == text
+    assert len(set(body[-3:])) == 1 and encoding.text[slice(*body[-1])] == "✓"  # the bytes share their character
+    texts = chunk_texts(cross, messages, a)
+    assert " return" in texts and texts[-1] == "<|im_end|>"  # "re" + "turn" against Qwen's one token
+    assert a.response_chars == len(text) and len(text) - 2 <= a.aligned_chars < len(text)  # " ✓" is not tiled
+    student_eot = qwen.convert_tokens_to_ids("<|im_end|>")
+    s_ids = a.input_ids[a.positions]
+    assert (s_ids == student_eot).sum() == 1 and a.one_to_one[list(s_ids).index(student_eot)] == len(response)
+
+    _, _, ended, cut = generated(cross, prompt, response, None)
+    assert not ended and student_eot not in a.input_ids[cut.positions]  # nothing says the turn ended there
+    assert len(cut.positions) == len(a.positions) - 1 and cut.num_chunks == a.num_chunks - 1
+    assert cut.aligned_chars == a.aligned_chars
+
+
+def test_a_generated_sentencepiece_response_decodes_token_by_token(real_tokenizer_dir):
+    """Gemma 3 writes spaces as ▁ and drops a leading one when decoding: incremental decoding over a
+    window still gives every token its characters, and the whole text back."""
+    cross, gemma, _ = aligner(real_tokenizer_dir("gemma3"), real_tokenizer_dir("qwen2_5"))
+    text = "Naïve résumé: 12345 + 678 = 13023, antidisestablishmentarianism."
+    response = [i for word in text.split(" ") for i in gemma.encode(" " + word, add_special_tokens=False)]
+    response = response[1:] if gemma.convert_ids_to_tokens(response[0]) == "▁" else response
+    encoding, messages, ended, a = generated(cross, [{"role": "user", "content": "Say it."}], response,
+                                             gemma.convert_tokens_to_ids("<end_of_turn>"))
+    assert ended and messages[-1]["content"].strip() == text
+    assert a.response_chars == len(text) and a.aligned_chars / a.response_chars > 0.9
+
+
 # --- end to end on tiny models: a ChatML teacher, a student with Llama 3's turn format ---------------------
 
 
@@ -162,20 +223,24 @@ def sampled_cross_cache(tmp_path_factory, tiny_model_dir, tiny_dataset_path, lla
     return cache
 
 
+CROSS_RAW = {  # the end-to-end tests' settings, less dataset, models and output
+    "inference": {"engine": "hf", "top_logits_num": 16, "tail_samples": 0, "dtype": "float32", "batch_size": 8},
+    "distillation": {"chunk_size": 32, "cross_tokenizer": "chunk+shared", "kd_ratio": 1.0},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "training": {
+        "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": 25, "logging_steps": 5,
+        "save_steps": 1000, "report_to": "none", "disable_tqdm": True, "use_cpu": True, "seed": 0,
+    },
+}
+
+
 def cross_config(cache, teacher, dataset, student, out, loss="chunk+shared", tail_samples=0, **distillation):
-    raw = {
-        "dataset": {"labeled_path": str(dataset), "logits_path": str(cache), "seed": 0},
-        "models": {"teacher": str(teacher), "student": str(student)},
-        "inference": {"engine": "hf", "top_logits_num": 16, "tail_samples": tail_samples, "dtype": "float32",
-                      "batch_size": 8},
-        "distillation": {"chunk_size": 32, "cross_tokenizer": loss, "kd_ratio": 1.0, **distillation},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "output_dir": str(out), "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": 25,
-            "logging_steps": 5, "save_steps": 1000, "report_to": "none", "disable_tqdm": True, "use_cpu": True,
-            "seed": 0,
-        },
-    }
+    raw = json.loads(json.dumps(CROSS_RAW))
+    raw["dataset"] = {"labeled_path": str(dataset), "logits_path": str(cache), "seed": 0}
+    raw["models"] = {"teacher": str(teacher), "student": str(student)}
+    raw["inference"]["tail_samples"] = tail_samples
+    raw["distillation"].update(cross_tokenizer=loss, **distillation)
+    raw["training"]["output_dir"] = str(out)
     return config_from_dict(raw, Path("."))
 
 
@@ -249,6 +314,44 @@ def test_the_shared_term_takes_the_sampled_tail_of_a_hybrid_cache(
     collate, report = prepare_cross_tokenizer(bucket, LogitCacheReader(sampled_cross_cache),
                                               AutoTokenizer.from_pretrained(llama_student_dir))
     assert report["shared_tail"] == "bucket" and not collate.sampled_tail
+
+
+def test_train_student_across_tokenizers_from_a_generate_mode_cache(
+    tmp_path, tiny_model_dir, tiny_dataset_path, llama_student_dir
+):
+    """The teacher writes the responses (gen-logits `generate`, T = 1): the student is trained on that text,
+    rendered with its own template, and pulled towards the teacher's chunk likelihoods of it."""
+    cache = tmp_path / "generated"
+    raw = json.loads(json.dumps(CROSS_RAW))
+    raw["dataset"] = {"instruction_path": str(tiny_dataset_path), "logits_path": str(cache), "seed": 0}
+    raw["models"] = {"teacher": str(tiny_model_dir), "student": str(llama_student_dir)}
+    raw["inference"].update(mode="generate", max_new_tokens=24, tail_samples=4)
+    raw["training"]["output_dir"] = str(tmp_path / "out")
+    config = config_from_dict(raw, Path("."))
+    gen_logits.run(config)
+    reader = LogitCacheReader(cache)
+    assert reader.manifest.identity["sampling"]  # a generate-mode cache
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = {s.sample_id: s for s in reader.iter_samples(shuffle=False, seed=0)}
+    collate, _ = prepare_cross_tokenizer(config, reader, AutoTokenizer.from_pretrained(llama_student_dir))
+    student_tok = AutoTokenizer.from_pretrained(llama_student_dir)
+    for sample_id, alignment in collate.alignments.items():  # the student reads the teacher's own text
+        row = rows[sample_id]
+        response = row.input_ids[row.positions].tolist()
+        ends = set(GenerationConfig.from_pretrained(tiny_model_dir).eos_token_id)  # <|im_end|>, <|endoftext|>
+        response = response[:-1] if response[-1] in ends else response
+        # The random teacher writes other special tokens too: they are part of the text it wrote.
+        written = teacher_tok.decode(response, skip_special_tokens=False).strip()
+        student_text = student_tok.decode(alignment.input_ids[alignment.positions].tolist(), skip_special_tokens=True)
+        assert written and written in student_text
+    before = chunk_gap(AutoModelForCausalLM.from_pretrained(llama_student_dir), config, cache)
+    report = train_student.run(config, resume=False)["metrics"]["cross_tokenizer_alignment"]
+    # The random teacher writes stray bytes and special tokens, which no chunk tiles: most text still aligns.
+    assert report["samples"] == len(rows) and report["aligned_char_share"] > 0.7
+    assert report["shared_tail"] == "sampled"
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_student_dir), str(tmp_path / "out"))
+    after = chunk_gap(student.eval(), config, cache)
+    assert after < before - 0.05, (before, after)
 
 
 def test_shared_tail_settings_the_cache_cannot_serve_are_refused(tmp_path, cross_cache, tiny_model_dir,

@@ -18,6 +18,7 @@ every chunk are reported, not trained by the chunk loss (the student's CE still 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,17 +63,24 @@ class CrossAligner:
         return {ids[0]: ids[1]} if None not in ids else {}
 
     def align(
-        self, sample_id: str, messages: list[Message], cache_ids: np.ndarray, cache_positions: np.ndarray, where: str
+        self, sample_id: str, messages: list[Message], cache_ids: np.ndarray, cache_positions: np.ndarray, where: str,
+        *, teacher: Encoding | None = None, ended: bool = True,
     ) -> SampleAlignment:
-        teacher = self.teacher.encode(messages, where)
+        """`teacher`: the teacher's side read from a generate-mode cache's ids (pipeline.cross_tokenizer.
+        generated), else it is rendered from `messages` and must be the cache's sequence. `ended` False: the
+        last response was cut before its end of turn, so the student's end-of-turn token is no response row."""
         length = len(cache_ids)
-        if teacher.input_ids[:length] != [int(i) for i in cache_ids]:
-            raise UserError(
-                f"{where}: sample {sample_id!r}: the teacher tokenizer's rendering of this record is not the "
-                "token sequence in the cache: was the cache written from this dataset, with this teacher and "
-                "chat template?"
-            )
+        if teacher is None:
+            teacher = self.teacher.encode(messages, where)
+            if teacher.input_ids[:length] != [int(i) for i in cache_ids]:
+                raise UserError(
+                    f"{where}: sample {sample_id!r}: the teacher tokenizer's rendering of this record is not the "
+                    "token sequence in the cache: was the cache written from this dataset, with this teacher and "
+                    "chat template?"
+                )
         student = self.student.encode(messages, where)
+        if not ended and student.pieces:
+            student = _without_last_end_of_turn(student)
         if len(teacher.pieces) != len(student.pieces):
             raise UserError(
                 f"{where}: sample {sample_id!r}: the teacher's template shows {len(teacher.pieces)} assistant "
@@ -144,6 +152,17 @@ def _tokens_in(encoding: Encoding, start: int, end: int, rows: _RowIndex) -> lis
         else:  # straddles the core's edge: its characters belong to no chunk
             found.append((max(a, start) - start, min(b, end) - start, -2))
     return found
+
+
+def _without_last_end_of_turn(encoding: Encoding) -> Encoding:
+    """The encoding with its last turn's end-of-turn token neither a response token nor an aligned piece."""
+    last = encoding.pieces[-1]
+    token = _token_at(encoding, last.eot) if last.eot else None
+    return dataclasses.replace(
+        encoding,
+        positions=[t for t in encoding.positions if t != token],
+        pieces=[*encoding.pieces[:-1], dataclasses.replace(last, eot=None)],
+    )
 
 
 def _token_at(encoding: Encoding, span: tuple[int, int]) -> int | None:

@@ -13,8 +13,9 @@ from pipeline.cache import LogitCacheReader
 from pipeline.config import Config
 from pipeline.cross_tokenizer.alignment import CrossAligner
 from pipeline.cross_tokenizer.batches import AlignmentReport, CrossCollator, shared_tail_mass, shared_topk_mass
+from pipeline.cross_tokenizer.generated import generated_encoding, prompt_messages
 from pipeline.cross_tokenizer.vocab import shared_vocab_map
-from pipeline.data import read_records, read_template, to_messages
+from pipeline.data import dataset_path, read_records, read_template, to_messages
 from pipeline.errors import UserError
 from pipeline.models import load_tokenizer
 
@@ -27,20 +28,16 @@ def prepare_cross_tokenizer(
     """(the collator of the student's batches, the alignment report) for one teacher cache."""
     identity = reader.manifest.identity
     loss = config.distillation.cross_tokenizer
-    if identity.get("sampling"):
-        raise UserError(
-            f"The cache {reader.cache_dir} holds the teacher's own generated responses (gen-logits mode "
-            "`generate`); cross-tokenizer training reads each response's text from `dataset.labeled_path`. "
-            "Write the generated responses into a labeled dataset and score it (mode `score`)."
-        )
+    generated = bool(identity.get("sampling"))  # the teacher wrote the responses (gen-logits `generate`)
     if loss in ("uld", "chunk+shared") and reader.k == 0:
         raise UserError(
             f"`distillation.cross_tokenizer: {loss}` compares the teacher's top-k, but the cache "
             f"{reader.cache_dir} is purely sampled (k = 0): use `chunk`, or a cache with top_logits_num > 0."
         )
     sampled_tail = _shared_tail(config, reader) if loss == "chunk+shared" else False
-    teacher_tokenizer = load_tokenizer(_teacher_tokenizer_path(config, identity), role="teacher")
-    records = _records(config, identity)
+    teacher_path = _teacher_tokenizer_path(config, identity)
+    teacher_tokenizer = load_tokenizer(teacher_path, role="teacher")
+    records = _records(config, identity, "generate" if generated else "score")
     reasoning = identity.get("dataset", {}).get("reasoning", config.dataset.reasoning)
     teacher = ChatRenderer(teacher_tokenizer, _teacher_template(config, identity, teacher_tokenizer), reasoning)
     try:
@@ -54,14 +51,23 @@ def prepare_cross_tokenizer(
     aligner = CrossAligner(teacher, student, config.distillation.max_seq_length)
     shared_map = shared_vocab_map(teacher_tokenizer, student_tokenizer, aligner.end_of_turn_pair(), project=True)
     alignments, report = {}, AlignmentReport()
+    path = dataset_path(config, "generate" if generated else "score")
+    end_of_turn = {*aligner.end_of_turn_pair(), *_stop_ids(teacher_path, teacher_tokenizer)}
     for sample in reader.iter_samples(shuffle=False, seed=0):
-        where = f"{config.dataset.labeled_path} (sample {sample.sample_id!r})"
+        where = f"{path} (sample {sample.sample_id!r})"
         messages = records.get(sample.sample_id)
         if messages is None:
-            raise UserError(f"The cache holds sample {sample.sample_id!r}, which {config.dataset.labeled_path} lacks.")
-        alignment = aligner.align(
-            sample.sample_id, messages, sample.input_ids.numpy(), sample.positions.numpy(), where
-        )
+            raise UserError(f"The cache holds sample {sample.sample_id!r}, which {path} lacks.")
+        ids, positions = sample.input_ids.numpy(), sample.positions.numpy()
+        if generated:  # the response is the cache's sampled ids; its text is what they decode to
+            encoding, messages, ended = generated_encoding(
+                teacher, prompt_messages(messages), [int(i) for i in ids], int(positions[0]), end_of_turn,
+                sample.sample_id, where,
+            )
+            alignment = aligner.align(sample.sample_id, messages, ids, positions, where, teacher=encoding,
+                                      ended=ended)
+        else:
+            alignment = aligner.align(sample.sample_id, messages, ids, positions, where)
         alignments[sample.sample_id] = alignment
         report.add(alignment, shared_topk_mass(sample, shared_map) if reader.k else None,
                    shared_tail_mass(sample, shared_map) if sampled_tail else None)
@@ -104,6 +110,20 @@ def _shared_tail(config: Config, reader: LogitCacheReader) -> bool:
     return tail in ("auto", "sampled") and bool(reader.tail_draws)
 
 
+def _stop_ids(teacher: str, tokenizer: Any) -> set[int]:
+    """The ids a generation stops at: the tokenizer's eos and the model's generation_config eos ids (Qwen2
+    stops at <|endoftext|> as well as <|im_end|>), so a response that ends with one of them has ended."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(teacher).eos_token_id
+    except OSError:  # only the tokenizer's files are here
+        eos = None
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return ids - {None}
+
+
 def _teacher_tokenizer_path(config: Config, identity: dict[str, Any]) -> str:
     """The tokenizer that made the cache's ids: `models.teacher` if it is here, else the recorded path."""
     recorded = str(identity.get("tokenizer", {}).get("path") or identity.get("teacher", {}).get("path"))
@@ -117,17 +137,20 @@ def _teacher_tokenizer_path(config: Config, identity: dict[str, Any]) -> str:
     )
 
 
-def _records(config: Config, identity: dict[str, Any]) -> dict[str, list]:
-    path = config.dataset.labeled_path
-    if path is None:
+def _records(config: Config, identity: dict[str, Any], mode: str) -> dict[str, list]:
+    prompts_only = mode == "generate" and config.dataset.instruction_path
+    key = "dataset.instruction_path" if prompts_only else "dataset.labeled_path"
+    try:
+        path = dataset_path(config, mode)
+    except UserError:
         raise UserError(
-            "`dataset.labeled_path` is not set: cross-tokenizer training renders each cached conversation "
-            "again with the student's template, from the dataset the cache was made from."
-        )
+            f"`{key}` is not set: cross-tokenizer training renders each cached conversation again with the "
+            "student's template, from the dataset the cache was made from (its prompts, in `generate` mode)."
+        ) from None
     recorded = identity.get("dataset", {}).get("sha256")
     if recorded and recorded != hashlib.sha256(Path(path).read_bytes()).hexdigest():
         raise UserError(
-            f"`dataset.labeled_path` {path} is not the file the cache was made from (its sha256 differs from "
+            f"`{key}` {path} is not the file the cache was made from (its sha256 differs from "
             f"the one recorded, {recorded[:12]}): point it at that dataset."
         )
     out = {}
