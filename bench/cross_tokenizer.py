@@ -12,6 +12,9 @@ teacher and students.
 Every row trains with the same LoRA, optimizer, batches (the same samples) and steps through the
 product's loss path; the cache is written once by `gen-logits` (top-64 + 24 sampled tail draws: the
 cross losses read its top-64, sampled tail and target log-probs, the reference its sampled targets).
+Teacher-written rows (sequence-level KD; `--no-teacher-written` leaves them out): the same training prompts
+answered by the teacher in a generate-mode cache (T = 1, as many tokens as the held-out responses), which the
+cross student reads as text through the generate-mode alignment.
 
 Metric, independent of the tokenizer: held-out prompts are answered by the teacher itself (sampled at
 T = 1: its first 96 tokens, whitespace-stripped), and each student's negative log-likelihood of those
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -65,6 +69,8 @@ def main() -> int:
     parser.add_argument("--kd-ratio", type=float, default=0.5)
     parser.add_argument("--profile", choices=("demo", "quality"), default="demo",
                         help="teacher and students of pipeline.toy_models (quality: longer pre-trained)")
+    parser.add_argument("--no-teacher-written", dest="teacher_written", action="store_false",
+                        help="leave out the rows trained on the teacher's own responses to the training prompts")
     parser.add_argument("--matched-start", action="store_true",
                         help="a cross student pre-trained to start at the same-tokenizer student's NLL/char")
     args = parser.parse_args()
@@ -93,8 +99,6 @@ def main() -> int:
     rng = torch.Generator().manual_seed(args.seed)
     batches = [[order[i] for i in torch.randperm(len(order), generator=rng)[: args.batch_size].tolist()]
                for _ in range(args.steps)]
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32).eval()
     held_out = teacher_responses(teacher, AutoTokenizer.from_pretrained(assets.teacher_dir), args, work)
@@ -151,16 +155,34 @@ def main() -> int:
         ("chunk + shared on 1:1 chunks, same-text only, tau 10", cross_student, one_to_one_collate, shared_spec),
         ("chunk + shared, projected, top-64 bucket, tau 10", cross_student, bucket_collate, shared_spec),
         ("chunk + shared, projected, top-64 + sampled tail, tau 10", cross_student, cross_collate, shared_spec),
+    ]
+    if args.teacher_written:
+        # Sequence-level KD (Kim & Rush): the same prompts answered by the teacher itself (a generate-mode
+        # cache); the responses are text, so they carry over to any tokenizer.
+        written_reader, written_collate = teacher_written(base, args, work, tokenizers[cross_student])
+        written_rows = {s.sample_id: s for s in written_reader.iter_samples(shuffle=False, seed=0)}
+        written_same = functools.partial(collate, pad_id=tokenizers[assets.student_dir].pad_token_id,
+                                         max_seq_length=512)
+        variants += [
+            ("teacher-written responses: SFT only", cross_student, written_collate,
+             KDLossSpec(kd_ratio=0.0, cross_tokenizer="chunk"), written_rows),
+            ("teacher-written: chunk + shared, sampled tail, tau 10", cross_student, written_collate, shared_spec,
+             written_rows),
+            ("same-tokenizer student, teacher-written, cached KD", assets.student_dir, written_same,
+             KDLossSpec(kd_ratio=kd), written_rows),
+        ]
+    variants += [
         ("same-tokenizer student, SFT only", assets.student_dir, same, KDLossSpec(kd_ratio=0.0)),
         ("same-tokenizer student, cached KD (reference)", assets.student_dir, same, KDLossSpec(kd_ratio=kd)),
     ]
     before = {s: nll_per_char(AutoModelForCausalLM.from_pretrained(s).eval(), tokenizers[s], held_out)
               for s in tokenizers}
     results = []
-    for name, student_dir, collate_fn, spec in variants:
+    for name, student_dir, collate_fn, spec, *rows in variants:
         start = time.perf_counter()
-        make_batch = functools.partial(_batch, collate_fn, rows_by_id)
-        model = train_lora(student_dir, batches, make_batch, spec, args)
+        rows = rows[0] if rows else rows_by_id
+        make_batch = functools.partial(_batch, collate_fn, rows)
+        model = train_lora(student_dir, [[i for i in b if i in rows] for b in batches], make_batch, spec, args)
         nll = nll_per_char(model, tokenizers[student_dir], held_out)
         results.append({"name": name, "student": str(student_dir), "nll_per_char": nll,
                         "train_seconds": time.perf_counter() - start})
@@ -224,6 +246,29 @@ def teacher_responses(teacher, tokenizer, args, work: Path) -> list[list[dict]]:
             conversations.append([*prompt, {"role": "assistant", "content": response}])
     cached.write_text(json.dumps(conversations))
     return conversations
+
+
+def teacher_written(base: dict, args, work: Path, student_tokenizer):
+    """(reader, cross collator) of a generate-mode cache: the training prompts answered by the teacher.
+
+    gen-logits `generate` (T = 1, its first --response-tokens tokens, as held out) writes the responses and
+    their top-64 + sampled tail; the cross student reads the text the teacher wrote from the sampled ids.
+    """
+    from stages import gen_logits
+
+    config = config_from_dict({
+        **base,
+        "dataset": {"instruction_path": base["dataset"]["labeled_path"],
+                    "logits_path": str(work / f"cache_generated{args.response_tokens}_top{K}_u{DRAWS}")},
+        "inference": {**base["inference"], "mode": "generate", "max_new_tokens": args.response_tokens,
+                      "temperature": 1.0},
+    }, REPO)
+    gen_logits.run(config)  # a no-op once the cache is complete
+    reader = LogitCacheReader(config.dataset.logits_path)
+    collate_fn, report = prepare_cross_tokenizer(config, reader, student_tokenizer)
+    print(f"teacher-written responses: {len(collate_fn.alignments)} samples, "
+          f"{100 * report['aligned_char_share']:.1f}% of their characters aligned", flush=True)
+    return reader, collate_fn
 
 
 def nll_per_char(model, tokenizer, conversations) -> float:
