@@ -161,14 +161,12 @@ def main() -> int:
         # cache); the responses are text, so they carry over to any tokenizer.
         written_reader, written_collate = teacher_written(base, args, work, tokenizers[cross_student])
         written_rows = {s.sample_id: s for s in written_reader.iter_samples(shuffle=False, seed=0)}
-        written_same = functools.partial(collate, pad_id=tokenizers[assets.student_dir].pad_token_id,
-                                         max_seq_length=512)
         variants += [
             ("teacher-written responses: SFT only", cross_student, written_collate,
              KDLossSpec(kd_ratio=0.0, cross_tokenizer="chunk"), written_rows),
             ("teacher-written: chunk + shared, sampled tail, tau 10", cross_student, written_collate, shared_spec,
              written_rows),
-            ("same-tokenizer student, teacher-written, cached KD", assets.student_dir, written_same,
+            ("same-tokenizer student, teacher-written, cached KD", assets.student_dir, same,
              KDLossSpec(kd_ratio=kd), written_rows),
         ]
     variants += [

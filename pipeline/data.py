@@ -180,9 +180,16 @@ def tokenize_conversation(renderer: ChatRenderer, messages: list[Message], sampl
     return TokenizedSample(sample_id, input_ids, positions)
 
 
-def _tokenize_prompt(renderer: ChatRenderer, messages: list[Message], sample_id: str, where: str):
+def prompt_messages(messages: list[Message]) -> list[Message]:
+    """The conversation a generate-mode teacher is prompted with: its trailing assistant turns dropped
+    (the teacher writes the final response itself)."""
     while messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]  # the teacher writes the final response itself
+        messages = messages[:-1]
+    return messages
+
+
+def _tokenize_prompt(renderer: ChatRenderer, messages: list[Message], sample_id: str, where: str):
+    messages = prompt_messages(messages)
     if not messages:
         raise UserError(f"{where}: nothing to prompt the teacher with (only assistant turns).")
     text = renderer.render(messages, add_generation_prompt=True, where=where)

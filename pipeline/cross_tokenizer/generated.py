@@ -20,13 +20,6 @@ from pipeline.errors import UserError
 _WINDOW = 6  # tokens of context for incremental decoding (SentencePiece's leading space needs one)
 
 
-def prompt_messages(messages: list[Message]) -> list[Message]:
-    """The conversation the teacher was prompted with: its trailing assistant turns dropped, as in gen-logits."""
-    while messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    return messages
-
-
 def generated_encoding(
     renderer: ChatRenderer, prompt: list[Message], cache_ids: list[int], first_response: int,
     end_of_turn: set[int], sample_id: str, where: str,
@@ -53,7 +46,8 @@ def generated_encoding(
         eot = (len(text), len(text) + len(marker))
         offsets.append(eot)
         text += marker
-    cores = [(base + a, base + b) for a, b in _content_cores(content) if b > a]
+    # The message's reasoning and answer cores, as the renderer locates them in a template.
+    cores = [(base + a, base + b) for a, b in message_cores(content).values() if b > a]
     positions = list(range(first_response, len(cache_ids)))
     encoding = Encoding(text, list(cache_ids), offsets, positions, [AssistantPieces(cores, eot)])
     return encoding, [*prompt, {"role": "assistant", "content": content}], ended
@@ -85,8 +79,3 @@ def _decode_with_offsets(tokenizer: Any, ids: list[int]) -> tuple[str, list[tupl
             return whole, spans
     raise UserError("A generated response does not decode token by token into its whole text (the tokenizer's "
                     "decoder is not prefix-stable); its characters cannot be aligned.")
-
-
-def _content_cores(content: str) -> list[tuple[int, int]]:
-    """The reasoning and answer cores of a generated message, as the renderer locates them in a template."""
-    return list(message_cores(content).values())

@@ -13,9 +13,9 @@ from pipeline.cache import LogitCacheReader
 from pipeline.config import Config
 from pipeline.cross_tokenizer.alignment import CrossAligner
 from pipeline.cross_tokenizer.batches import AlignmentReport, CrossCollator, shared_tail_mass, shared_topk_mass
-from pipeline.cross_tokenizer.generated import generated_encoding, prompt_messages
+from pipeline.cross_tokenizer.generated import generated_encoding
 from pipeline.cross_tokenizer.vocab import shared_vocab_map
-from pipeline.data import dataset_path, read_records, read_template, to_messages
+from pipeline.data import dataset_path, prompt_messages, read_records, read_template, to_messages
 from pipeline.errors import UserError
 from pipeline.models import load_tokenizer
 
@@ -29,6 +29,7 @@ def prepare_cross_tokenizer(
     identity = reader.manifest.identity
     loss = config.distillation.cross_tokenizer
     generated = bool(identity.get("sampling"))  # the teacher wrote the responses (gen-logits `generate`)
+    mode = "generate" if generated else "score"
     if loss in ("uld", "chunk+shared") and reader.k == 0:
         raise UserError(
             f"`distillation.cross_tokenizer: {loss}` compares the teacher's top-k, but the cache "
@@ -37,7 +38,7 @@ def prepare_cross_tokenizer(
     sampled_tail = _shared_tail(config, reader) if loss == "chunk+shared" else False
     teacher_path = _teacher_tokenizer_path(config, identity)
     teacher_tokenizer = load_tokenizer(teacher_path, role="teacher")
-    records = _records(config, identity, "generate" if generated else "score")
+    records = _records(config, identity, mode)
     reasoning = identity.get("dataset", {}).get("reasoning", config.dataset.reasoning)
     teacher = ChatRenderer(teacher_tokenizer, _teacher_template(config, identity, teacher_tokenizer), reasoning)
     try:
@@ -49,10 +50,11 @@ def prepare_cross_tokenizer(
             "made with). Give the student's tokenizer_config.json a chat_template."
         ) from None
     aligner = CrossAligner(teacher, student, config.distillation.max_seq_length)
-    shared_map = shared_vocab_map(teacher_tokenizer, student_tokenizer, aligner.end_of_turn_pair(), project=True)
+    eot_pair = aligner.end_of_turn_pair()
+    shared_map = shared_vocab_map(teacher_tokenizer, student_tokenizer, eot_pair, project=True)
     alignments, report = {}, AlignmentReport()
-    path = dataset_path(config, "generate" if generated else "score")
-    end_of_turn = {*aligner.end_of_turn_pair(), *_stop_ids(teacher_path, teacher_tokenizer)}
+    path = dataset_path(config, mode)
+    end_of_turn = {*eot_pair, *_stop_ids(teacher_path, teacher_tokenizer)}
     for sample in reader.iter_samples(shuffle=False, seed=0):
         where = f"{path} (sample {sample.sample_id!r})"
         messages = records.get(sample.sample_id)
