@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline")
-# Set once a vLLM engine ran in this process: see `entry`.
-_VLLM_RAN = False
+# Set once this process ran a vLLM engine or was a torchrun rank: see `entry`.
+_SKIP_TEARDOWN = False
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +87,8 @@ def _run_gen_logits(args: argparse.Namespace) -> int:
     config = _load(args)  # config errors first, before the heavy imports
     from stages import gen_logits
 
-    global _VLLM_RAN
-    _VLLM_RAN = config.inference.engine == "vllm"
+    global _SKIP_TEARDOWN
+    _SKIP_TEARDOWN = config.inference.engine == "vllm"
     gen_logits.run(config, part=args.part, num_parts=args.num_parts, overwrite=args.overwrite)
     return 0
 
@@ -97,6 +97,8 @@ def _run_train_student(args: argparse.Namespace) -> int:
     config = _load(args)
     from stages import train_student
 
+    global _SKIP_TEARDOWN
+    _SKIP_TEARDOWN = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a torchrun / accelerate rank
     train_student.run(config, resume=args.resume)
     return 0
 
@@ -145,13 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def entry() -> None:
-    """The `pipeline` command: main(), then its exit code. After a vLLM engine ran, the process leaves with
-    os._exit: the engine is shut down and the cache closed and committed by then, but threads of vLLM's
-    CPU build can still abort the interpreter's teardown ("terminate called without an active exception",
-    exit -6), which would report a finished run as failed (measured: once in two `make demo` runs)."""
-    code = main()
-    if _VLLM_RAN:
+def entry(argv: Sequence[str] | None = None) -> None:
+    """The `pipeline` command: main(), then its exit code. After a vLLM engine ran, or in a rank of a
+    distributed training job, the process leaves with os._exit: by then the engine is shut down, the cache
+    closed and committed, the student written and the process group destroyed, but native threads (vLLM's
+    CPU build; gloo's workers) can still abort the interpreter's teardown ("terminate called without an
+    active exception", exit -6), which would report a finished run as failed (measured: once in two
+    `make demo` runs; once in a CI run of the two-rank FSDP2 test, rank 1 after the student was written)."""
+    code = main(argv)
+    if _SKIP_TEARDOWN:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

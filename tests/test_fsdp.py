@@ -42,15 +42,17 @@ ATOL, RTOL = 2e-5, 1e-4
 # drops the FSDP plugin and trains DDP. The probe lifts that one device gate, as accelerate does on GPUs;
 # everything after it (fully_shard, the Trainer's FSDP saving, checkpointing and loading) is the real path.
 PROBE = """
-import json, os, signal, sys
+import atexit, json, os, signal, sys
 import accelerate.state
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 import pipeline.kd_trainer as kd_trainer
-from pipeline.cli import main
+from pipeline.cli import entry
 
 kill_at, record = int(sys.argv[1]), sys.argv[2]
+# Runs only if the rank went through the interpreter's teardown, which `entry` skips in a rank.
+atexit.register(lambda: open(os.path.join(record, f"teardown{os.environ['RANK']}"), "w").close())
 
 init_state = accelerate.state.AcceleratorState.__init__
 def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
@@ -80,7 +82,7 @@ def patched(self, *a, **k):
     init(self, *a, **k)
     self.add_callback(Probe())
 kd_trainer.KDTrainer.__init__ = patched
-sys.exit(main(sys.argv[3:]))
+entry(sys.argv[3:])
 """
 
 
@@ -88,7 +90,7 @@ def torchrun(
     tmp_path: Path, config: Path, *cli: str, kill_at: int = 0, nproc: int = 2, probe: bool = True
 ) -> subprocess.CompletedProcess:
     script = tmp_path / "probe.py"
-    script.write_text(PROBE if probe else "import sys\nfrom pipeline.cli import main\nsys.exit(main(sys.argv[3:]))\n")
+    script.write_text(PROBE if probe else "import sys\nfrom pipeline.cli import entry\nentry(sys.argv[3:])\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
@@ -152,6 +154,7 @@ def test_two_fsdp2_ranks_match_one_process(tmp_path, caches, tiny_student_dir, l
                       **settings, **FSDP)
     proc = torchrun(tmp_path, write_config(tmp_path / "two.json", two))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(tmp_path.glob("teardown*"))  # each rank left with os._exit after its work
 
     held = [json.loads((tmp_path / f"params{r}.json").read_text()) for r in (0, 1)]
     assert all(h["all_dtensor"] for h in held)  # FSDP2 did shard every parameter
