@@ -20,8 +20,9 @@ log = logging.getLogger("pipeline")
 _SKIP_TEARDOWN = False
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="the run's JSON config file")
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True,
+                     help: str = "the run's JSON config file") -> None:
+    parser.add_argument("--config", required=required, type=Path, help=help)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value (JSON-typed, e.g. --set lora.r=8); repeatable",
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="score at most N samples")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_config_args(evaluate, required=False, help=(
+        "the JSON config the cache was made with (its dataset and models.teacher): needed only for a student "
+        "whose tokenizer differs from the cache's, which is then scored on text (NLL per character)"))
     evaluate.set_defaults(run=_run_eval)
     return parser
 
@@ -117,11 +121,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    config = _load(args) if args.config else None
     from stages import evaluate
 
     evaluate.run(
         args.model, args.cache, adapter=args.adapter, limit=args.limit, batch_size=args.batch_size,
-        as_json=args.json,
+        as_json=args.json, config=config,
     )
     return 0
 

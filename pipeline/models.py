@@ -92,6 +92,15 @@ def check_cache_tokenizer(cache_dir: Path | str, identity: dict[str, Any], token
     )
 
 
+def shares_cache_tokenizer(cache_dir: Path | str, identity: dict[str, Any], tokenizer: Any) -> bool:
+    """Whether the cache's token ids mean the same tokens to this model (check_cache_tokenizer passes)."""
+    try:
+        check_cache_tokenizer(cache_dir, identity, tokenizer)
+    except UserError:
+        return False
+    return True
+
+
 def model_identity(model_dir: Path | str) -> dict[str, Any]:
     """Path, dtype and a hash of config.json plus every weight file's size and first and last MiB.
 

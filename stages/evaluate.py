@@ -11,12 +11,22 @@ Per response token, at temperature 1:
   (r c_j / U) (log p_j - log q_j) with the stored teacher log-probs (E[r c_j / U] = p_j). For a purely
   sampled cache (k = 0) it is the only KL, and top-1 agreement is not defined (no exact top-1);
 - top-1 agreement: the student's argmax equals the teacher's most likely token;
-- cross-entropy (and perplexity) of the actual response tokens.
+- cross-entropy (and perplexity) of the actual response tokens;
+- on a cache the teacher wrote (`generate` mode, T = 1, no top-p): `sequence_kl_per_token`, the student's
+  minus the teacher's cross-entropy of those tokens, an unbiased estimate of the sequence-level
+  KL(teacher || student) per token (the responses are the teacher's samples).
 Means are over all response tokens of the scored samples. Streams the cache; batches; progress bar.
+
+A student with another tokenizer than the cache's is scored with `config` (the config the cache was made
+with: its dataset and teacher) on text, not ids: each side's NLL per character of the aligned response
+text, and on teacher-written caches their difference, the sequence-level KL per character
+(pipeline.cross_tokenizer.scoring).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -28,9 +38,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import LogitCacheReader
+from pipeline.config import Config
 from pipeline.errors import UserError, require
 from pipeline.losses import divergence, teacher_class_logprobs
-from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer
+from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer, shares_cache_tokenizer
 from pipeline.student import accepts_logits_to_keep, collate, output_head, response_hidden_states
 
 log = logging.getLogger(__name__)
@@ -45,9 +56,21 @@ def run(
     limit: int | None = None,
     batch_size: int = 8,
     as_json: bool = False,
+    config: Config | None = None,
 ) -> dict[str, Any]:
+    """`config`: the config the cache was made with; needed (and used) only for a student whose tokenizer
+    differs from the cache's."""
     tokenizer = load_tokenizer(model_dir, role="student")
     reader = LogitCacheReader(cache_dir)
+    if not shares_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer):
+        if config is None:
+            raise UserError(
+                f"The cache {cache_dir} was made with another tokenizer than the student's: its token ids mean "
+                "other tokens to the student. To score this student across tokenizers, pass `--config` with the "
+                "config the cache was made with (its dataset and `models.teacher`): eval then compares both "
+                "sides' likelihood of the same response text, per character."
+            )
+        return _run_cross(model_dir, reader, tokenizer, config, adapter, limit, batch_size, as_json)
     check_cache_tokenizer(reader.cache_dir, reader.manifest.identity, tokenizer)
     model = load_student(model_dir, adapter)
     total = reader.num_samples if limit is None else min(limit, reader.num_samples)
@@ -88,6 +111,8 @@ def run(
         "cross_entropy": sums["ce"] / n,
         "perplexity": math.exp(sums["ce"] / n),
         "teacher_cross_entropy": sums["teacher_ce"] / n,
+        # an unbiased sequence-level KL estimate only when the responses are the teacher's own samples
+        "sequence_kl_per_token": (sums["ce"] - sums["teacher_ce"]) / n if teacher_sampled(reader) else None,
         "seconds": time.perf_counter() - start,
     }
     if as_json:
@@ -109,7 +134,80 @@ def run(
             f"cross-entropy {metrics['cross_entropy']:.4f} (perplexity {metrics['perplexity']:.2f}; teacher's own "
             f"{metrics['teacher_cross_entropy']:.4f})"
         )
+        if metrics["sequence_kl_per_token"] is not None:
+            parts.append(
+                f"; sequence-level KL(teacher || student) {metrics['sequence_kl_per_token']:.4f} nats/token "
+                "(the responses are the teacher's samples at T = 1)"
+            )
         print(" ".join(parts))
+    return metrics
+
+
+def teacher_sampled(reader: LogitCacheReader) -> bool:
+    """Whether the cache's responses are samples of the teacher's own distribution (T = 1, no top-p), so
+    that likelihood differences on them estimate a KL."""
+    sampling = reader.manifest.identity.get("sampling") or {}
+    return sampling.get("temperature") == 1 and sampling.get("top_p", 1) == 1
+
+
+def _run_cross(
+    model_dir: Path, reader: LogitCacheReader, tokenizer: Any, config: Config, adapter: Path | None,
+    limit: int | None, batch_size: int, as_json: bool,
+) -> dict[str, Any]:
+    from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
+    from pipeline.cross_tokenizer.scoring import ChunkLikelihoods
+
+    # The chunk likelihoods need only the alignment (any cross loss's checks would be the wrong ones here).
+    config = dataclasses.replace(
+        config, distillation=dataclasses.replace(config.distillation, cross_tokenizer="chunk"))
+    collate_fn, report = prepare_cross_tokenizer(config, reader, tokenizer)
+    model = load_student(model_dir, adapter)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = accepts_logits_to_keep(base)
+    total = reader.num_samples if limit is None else min(limit, reader.num_samples)
+    sums = ChunkLikelihoods()
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=total, desc="eval", unit="sample", disable=as_json) as bar:
+        samples = itertools.islice(reader.iter_samples(shuffle=False, seed=0), total)
+        while batch := [[sample] for sample in itertools.islice(samples, batch_size)]:
+            alignments = [collate_fn.alignments[item[0].sample_id] for item in batch]
+            sums.add_batch(model, collate_fn(batch), alignments, keep)
+            bar.update(len(batch))
+    if sums.aligned_chars == 0:
+        raise UserError(f"{reader.cache_dir}: no aligned response text to score.")
+    chars = sums.aligned_chars
+    kl = (sums.teacher_ll - sums.student_ll) / chars if teacher_sampled(reader) else None
+    metrics = {
+        "model": str(model_dir),
+        "adapter": str(adapter) if adapter else None,
+        "cache": str(reader.cache_dir),
+        "cross_tokenizer": True,
+        "samples": sums.samples,
+        "response_chars": sums.response_chars,
+        "aligned_char_share": chars / sums.response_chars if sums.response_chars else 0.0,
+        "chunks": sums.chunks,
+        "student_response_tokens": sums.student_tokens,
+        "cross_entropy": sums.student_ce / sums.student_tokens,  # per student token
+        "perplexity": math.exp(sums.student_ce / sums.student_tokens),
+        "student_nll_per_char": -sums.student_ll / chars,  # both on the aligned chunks' characters
+        "teacher_nll_per_char": -sums.teacher_ll / chars,
+        "sequence_kl_per_char": kl,  # the teacher's samples only: then an unbiased KL estimate
+        # what the alignment covers; the loss-specific entries (loss, shared tail) do not apply to scoring
+        "alignment": {k: v for k, v in report.items() if k not in ("loss", "shared_tail", "shared_vocab_mass")},
+        "seconds": time.perf_counter() - start,
+    }
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        line = (
+            f"{sums.samples} samples, {sums.response_chars} response characters ({metrics['aligned_char_share']:.1%} "
+            f"in {sums.chunks} aligned chunks), across tokenizers: student NLL {metrics['student_nll_per_char']:.4f} "
+            f"nats/char, the teacher's own {metrics['teacher_nll_per_char']:.4f}"
+        )
+        if kl is not None:
+            line += (f"; sequence-level KL(teacher || student) {kl:.4f} nats/char (the responses are the "
+                     "teacher's samples at T = 1)")
+        print(line + f"; student cross-entropy {metrics['cross_entropy']:.4f} nats/token")
     return metrics
 
 

@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from pipeline import cli
 from pipeline.alignment import ChatRenderer
 from pipeline.cache import LogitCacheReader
 from pipeline.config import config_from_dict
@@ -21,7 +22,7 @@ from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
 from pipeline.cross_tokenizer.vocab import shared_vocab_map, token_texts
 from pipeline.errors import UserError
 from pipeline.student import output_head, response_hidden_states
-from stages import gen_logits, train_student
+from stages import evaluate, gen_logits, train_student
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -316,19 +317,32 @@ def test_the_shared_term_takes_the_sampled_tail_of_a_hybrid_cache(
     assert report["shared_tail"] == "bucket" and not collate.sampled_tail
 
 
-def test_train_student_across_tokenizers_from_a_generate_mode_cache(
-    tmp_path, tiny_model_dir, tiny_dataset_path, llama_student_dir
-):
-    """The teacher writes the responses (gen-logits `generate`, T = 1): the student is trained on that text,
-    rendered with its own template, and pulled towards the teacher's chunk likelihoods of it."""
-    cache = tmp_path / "generated"
+@pytest.fixture(scope="module")
+def generated_cross(tmp_path_factory, tiny_model_dir, tiny_dataset_path, llama_student_dir):
+    """A generate-mode cache (the teacher writes the responses, T = 1) and its settings, less output_dir."""
+    cache = tmp_path_factory.mktemp("generated") / "cache"
     raw = json.loads(json.dumps(CROSS_RAW))
     raw["dataset"] = {"instruction_path": str(tiny_dataset_path), "logits_path": str(cache), "seed": 0}
     raw["models"] = {"teacher": str(tiny_model_dir), "student": str(llama_student_dir)}
     raw["inference"].update(mode="generate", max_new_tokens=24, tail_samples=4)
-    raw["training"]["output_dir"] = str(tmp_path / "out")
-    config = config_from_dict(raw, Path("."))
-    gen_logits.run(config)
+    gen_logits.run(config_from_dict(raw, Path(".")))
+    return raw, cache
+
+
+def with_output(raw: dict, out: Path):
+    raw = json.loads(json.dumps(raw))
+    raw["training"]["output_dir"] = str(out)
+    return config_from_dict(raw, Path("."))
+
+
+def test_train_student_across_tokenizers_from_a_generate_mode_cache(
+    tmp_path, tiny_model_dir, llama_student_dir, generated_cross
+):
+    """The teacher writes the responses (gen-logits `generate`, T = 1): the student is trained on that text,
+    rendered with its own template, and pulled towards the teacher's chunk likelihoods of it; eval's
+    sequence-level KL per character falls with it."""
+    raw, cache = generated_cross
+    config = with_output(raw, tmp_path / "out")
     reader = LogitCacheReader(cache)
     assert reader.manifest.identity["sampling"]  # a generate-mode cache
     teacher_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -352,6 +366,43 @@ def test_train_student_across_tokenizers_from_a_generate_mode_cache(
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_student_dir), str(tmp_path / "out"))
     after = chunk_gap(student.eval(), config, cache)
     assert after < before - 0.05, (before, after)
+    kl = [evaluate.run(llama_student_dir, cache, adapter=adapter, config=config)["sequence_kl_per_char"]
+          for adapter in (None, tmp_path / "out")]
+    assert 0 < kl[1] < kl[0], kl
+
+
+def test_eval_scores_a_student_with_another_tokenizer_on_text(tmp_path, llama_student_dir, generated_cross,
+                                                               cross_cache, tiny_model_dir, tiny_dataset_path,
+                                                               capsys):
+    """NLL per character of the aligned text, each side against a float64 reference from the same alignment;
+    the sequence KL only where the teacher wrote the responses; without --config, a clear refusal."""
+    raw, cache = generated_cross
+    config = with_output(raw, tmp_path / "unused")
+    metrics = evaluate.run(llama_student_dir, cache, config=config, batch_size=5)
+    collate, report = prepare_cross_tokenizer(config, LogitCacheReader(cache),
+                                              AutoTokenizer.from_pretrained(llama_student_dir))
+    model = AutoModelForCausalLM.from_pretrained(llama_student_dir, dtype=torch.float64).eval()
+    student_ll = teacher_ll = chars = 0.0
+    for sample in LogitCacheReader(cache).iter_samples(shuffle=False, seed=0):
+        a = collate.alignments[sample.sample_id]
+        with torch.no_grad():
+            logq = torch.log_softmax(model(input_ids=torch.from_numpy(a.input_ids)[None]).logits[0], -1)
+        rows = np.flatnonzero(a.chunk_of_row >= 0)
+        student_ll += sum(float(logq[a.positions[r] - 1, a.input_ids[a.positions[r]]]) for r in rows)
+        teacher_ll += float(sample.target_logprobs.double()[a.chunk_teacher[1]].sum())
+        chars += a.aligned_chars
+    assert metrics["samples"] == 24 and report.items() >= metrics["alignment"].items()
+    assert "shared_vocab_topk_mass" in metrics["alignment"] and "loss" not in metrics["alignment"]
+    assert metrics["aligned_char_share"] == pytest.approx(report["aligned_char_share"])
+    assert metrics["student_nll_per_char"] == pytest.approx(-student_ll / chars, rel=1e-5)
+    assert metrics["teacher_nll_per_char"] == pytest.approx(-teacher_ll / chars, rel=1e-6)
+    assert metrics["sequence_kl_per_char"] == pytest.approx((teacher_ll - student_ll) / chars, rel=1e-4)
+    # Labelled responses are not the teacher's samples: NLLs, but no KL.
+    labelled = cross_config(cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, tmp_path / "u")
+    scored = evaluate.run(llama_student_dir, cross_cache, config=labelled, limit=7, batch_size=3)
+    assert scored["samples"] == 7 and scored["sequence_kl_per_char"] is None and scored["student_nll_per_char"] > 0
+    code = cli.main(["eval", "--model", str(llama_student_dir), "--cache", str(cache)])
+    assert code == 2 and "--config" in capsys.readouterr().err
 
 
 def test_shared_tail_settings_the_cache_cannot_serve_are_refused(tmp_path, cross_cache, tiny_model_dir,

@@ -116,3 +116,37 @@ def test_teacher_ids_beyond_the_student_vocabulary_are_no_class(tmp_path, sample
 def samples_for_padding(tiny_tokenizer_dir, tiny_dataset_path):
     config = config_from_dict({"dataset": {"labeled_path": str(tiny_dataset_path)}}, Path("."))
     return load_samples(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), mode="score")[0][-HELD_OUT:]
+
+
+def generated_cache(tmp_path: Path, dataset: Path, teacher: Path, temperature: float) -> Path:
+    """The teacher answers the dataset's prompts itself (gen-logits `generate`, hf engine, 12 new tokens)."""
+    from stages import gen_logits
+
+    raw = {
+        "dataset": {"instruction_path": str(dataset), "logits_path": str(tmp_path / f"gen{temperature}")},
+        "models": {"teacher": str(teacher)},
+        "inference": {"engine": "hf", "mode": "generate", "top_logits_num": K, "max_new_tokens": 12,
+                      "temperature": temperature, "dtype": "float32", "batch_size": 8},
+    }
+    config = config_from_dict(raw, Path("."))
+    gen_logits.run(config)
+    return config.dataset.logits_path
+
+
+def test_on_the_teachers_own_samples_eval_estimates_the_sequence_kl(tmp_path, cache, tiny_dataset_path,
+                                                                     tiny_model_dir, tiny_student_dir):
+    """On responses the teacher sampled at T = 1, student CE - teacher CE per token estimates the
+    sequence-level KL(teacher || student): 0 for the teacher itself, positive for another student. On
+    other responses (labelled data, or sampling at T != 1) it is no KL, and eval reports none."""
+    sampled = generated_cache(tmp_path, tiny_dataset_path, tiny_model_dir, 1.0)
+    itself = evaluate.run(tiny_model_dir, sampled, batch_size=4)
+    # 0 up to the cache's rounding of the teacher's log-probs (the codec's grid: <= 1/48 nat a token, and
+    # rounding errors of either sign average out; measured -5e-4)
+    assert itself["sequence_kl_per_token"] == pytest.approx(0.0, abs=2e-3)
+    other = evaluate.run(tiny_student_dir, sampled, batch_size=4)
+    assert other["sequence_kl_per_token"] == pytest.approx(
+        other["cross_entropy"] - other["teacher_cross_entropy"], rel=1e-9)
+    assert other["sequence_kl_per_token"] > 0.01  # measured 0.034 (two random tiny models, near-uniform)
+    assert evaluate.run(tiny_student_dir, cache, batch_size=4)["sequence_kl_per_token"] is None
+    cooled = generated_cache(tmp_path, tiny_dataset_path, tiny_model_dir, 0.7)
+    assert evaluate.run(tiny_student_dir, cooled, batch_size=4)["sequence_kl_per_token"] is None
