@@ -17,7 +17,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/python -m pipeline.demo
+	$(BIN)/python -m pipeline.toy.demo
 
 # A bench exits 1 when a goal it checks is missed; `-` lets the others run anyway.
 bench: setup

@@ -1,6 +1,6 @@
 """TopKCodec on a real (toy) teacher's distributions: size, distortion and speed, next to reference layouts.
 
-The teacher is the toy "bench" model (`pipeline.toy_models`, pre-trained on stdlib code); its top-k
+The teacher is the toy "bench" model (`pipeline.toy.models`, pre-trained on stdlib code); its top-k
 comes from a plain transformers forward (log_softmax, float32) over held-out text windows. For each
 k: bytes per top-k entry (ids + log-probs + target + tail, stream headers included) and per token,
 mean KL(original top-k+tail || decoded) per position in float64 (T=1, and T=2 for reference), max
@@ -26,7 +26,7 @@ import torch
 
 from pipeline.cache.codec import TopKCodec, build_id_table
 from pipeline.cache.tail_codec import decode_tail_samples, encode_tail_samples
-from pipeline.tail_sampling import draw_tail, tail_uniforms
+from pipeline.teacher.tail_sampling import draw_tail, tail_uniforms
 
 KS = (8, 20, 64, 128)
 SAMPLED = ((0, 12), (0, 32), (8, 24), (16, 48))  # (k, U) layouts of sampled-tail caches
@@ -38,7 +38,7 @@ def teacher_topk(teacher_dir: Path, windows: int, seq_len: int, k_max: int) -> d
     """Top-k_max ids/log-probs, target log-probs and tail log-mass for every k <= k_max, per window."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.toy_models import local_corpus
+    from pipeline.toy.models import local_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     teacher_dir, info = args.teacher, {}
     if teacher_dir is None:
-        from pipeline.toy_models import ensure_toy_assets
+        from pipeline.toy.models import ensure_toy_assets
 
         assets = ensure_toy_assets(Path(".assets/toy"), profile=args.profile)
         teacher_dir, info = assets.teacher_dir, assets.teacher_info

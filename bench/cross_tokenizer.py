@@ -3,7 +3,7 @@
 Teacher: the demo teacher (8.1M parameters, byte-level BPE of 8,192 tokens trained on one part of the
 Python standard library, ChatML turns). Cross student: the demo student's architecture on a tokenizer of
 6,000 tokens trained on another part, with Llama 3's turn format and special tokens
-(pipeline.toy_models.ensure_cross_assets), pre-trained as briefly as the demo student (`--matched-start`:
+(pipeline.toy.models.ensure_cross_assets), pre-trained as briefly as the demo student (`--matched-start`:
 for as many steps as it takes to start at the demo student's NLL per character, so that the gap below
 measures distillation rather than the tokenizers). Reference: the demo student itself (same size, the
 teacher's tokenizer), trained with same-tokenizer cached KD. `--profile quality`: the quality profile's
@@ -50,9 +50,9 @@ from pipeline.cross_tokenizer.batches import CrossCollator, shared_topk_mass  # 
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer  # noqa: E402
 from pipeline.cross_tokenizer.vocab import shared_vocab_map  # noqa: E402
 from pipeline.data import read_records, to_messages  # noqa: E402
-from pipeline.losses import KDLossSpec  # noqa: E402
-from pipeline.student import collate  # noqa: E402
-from pipeline.toy_models import ensure_cross_assets, write_instruction_dataset  # noqa: E402
+from pipeline.student.distill import collate  # noqa: E402
+from pipeline.student.losses import KDLossSpec  # noqa: E402
+from pipeline.toy.models import ensure_cross_assets, write_instruction_dataset  # noqa: E402
 
 K, DRAWS = 64, 24
 
@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kd-ratio", type=float, default=0.5)
     parser.add_argument("--profile", choices=("demo", "quality"), default="demo",
-                        help="teacher and students of pipeline.toy_models (quality: longer pre-trained)")
+                        help="teacher and students of pipeline.toy.models (quality: longer pre-trained)")
     parser.add_argument("--no-teacher-written", dest="teacher_written", action="store_false",
                         help="leave out the rows trained on the teacher's own responses to the training prompts")
     parser.add_argument("--matched-start", action="store_true",

@@ -83,7 +83,7 @@ def build_dataset(args: argparse.Namespace, teacher_dir: Path, path: Path) -> No
     """Records whose chat rendering is ~seq tokens, of which ~response_share are the response."""
     from transformers import AutoTokenizer
 
-    from pipeline.toy_data import local_corpus
+    from pipeline.toy.data import local_corpus
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     ids = tokenizer("".join(local_corpus("heldout", 2_000_000)), add_special_tokens=False)["input_ids"]
@@ -178,7 +178,7 @@ def run_pool(args: argparse.Namespace, teacher_dir: Path) -> dict[str, Any]:
 
     from pipeline.config import load_config
     from pipeline.data import load_samples
-    from pipeline.engines import make_engine
+    from pipeline.teacher.engines import make_engine
 
     config = load_config(args.workdir / "config-vllm.json")
     samples, _ = load_samples(config, AutoTokenizer.from_pretrained(teacher_dir), mode="score")
@@ -196,7 +196,7 @@ def run_stage(args: argparse.Namespace, teacher_dir: Path, engine: str) -> dict[
     import torch
 
     from pipeline.config import load_config
-    from pipeline.topk import load_output_head, topk_from_hidden
+    from pipeline.teacher.topk import load_output_head, topk_from_hidden
     from stages import gen_logits
 
     head = load_output_head(teacher_dir)  # compile the top-k selection for this shape and dtype once
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant:
         child(args)
         return
-    from pipeline.toy_models import ensure_toy_assets, parameter_counts
+    from pipeline.toy.models import ensure_toy_assets, parameter_counts
 
     teacher_dir = args.teacher or ensure_toy_assets(args.assets, profile="bench").teacher_dir
     counts = parameter_counts(teacher_dir)

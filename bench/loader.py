@@ -67,7 +67,7 @@ def build_caches(root: Path, sizes: list[int], windows: int, seq_len: int) -> li
 
     from pipeline.cache import LogitCacheWriter
     from pipeline.records import TeacherTopK
-    from pipeline.toy_models import ensure_toy_assets
+    from pipeline.toy.models import ensure_toy_assets
 
     assets = ensure_toy_assets(Path(".assets/toy"), profile="bench")
     data = teacher_topk(assets.teacher_dir, windows, seq_len + 1, K)

@@ -1,12 +1,12 @@
 """Does offline top-k distillation work? The quality table, on a teacher that learned real text.
 
-Teacher and student come from pipeline.toy_models, profile "quality" by default: the teacher
+Teacher and student come from pipeline.toy.models, profile "quality" by default: the teacher
 pre-trained on one part of the Python standard library for 8x the demo teacher's tokens, so its
 next-token distributions are more peaked (the bench prints how much mass lies outside its top-k),
 the smaller student briefly pre-trained on another part, same tokenizer; `--profile demo` runs the
 demo's flatter teacher instead. Every row trains the same student with the same LoRA settings,
 optimizer, batches and number of steps, through the product's loss path
-(pipeline.student.distillation_loss); only the teacher signal differs:
+(pipeline.student.distill.distillation_loss); only the teacher signal differs:
 
 - SFT only:            kd_ratio 0 (cross-entropy on the response tokens)
 - cached top-k KD:     kd_ratio 0.5 (or --kd-ratio) against a logit cache written by `gen-logits`,
@@ -42,10 +42,10 @@ from pipeline.cache import LogitCacheReader, load_manifest  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.data import load_samples  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.lora import wrap_student  # noqa: E402
-from pipeline.losses import KDLossSpec, TeacherRows  # noqa: E402
-from pipeline.student import collate, distillation_loss, output_head, response_hidden_states  # noqa: E402
-from pipeline.toy_models import ensure_toy_assets, write_instruction_dataset  # noqa: E402
+from pipeline.student.distill import collate, distillation_loss, output_head, response_hidden_states  # noqa: E402
+from pipeline.student.lora import wrap_student  # noqa: E402
+from pipeline.student.losses import KDLossSpec, TeacherRows  # noqa: E402
+from pipeline.toy.models import ensure_toy_assets, write_instruction_dataset  # noqa: E402
 
 WORK = REPO / ".assets" / "bench_quality"
 KS = (8, 32, 64)  # for the teacher's mass outside its top-k

@@ -1,7 +1,7 @@
 """One training step, three ways, same student, same LoRA, same batch: time per step and peak memory.
 
   ce     the student's own causal-LM loss (labels on the response tokens): the baseline
-  kd     ours: hidden states at response positions, chunked head, sparse top-k KD + CE (pipeline.student)
+  kd     ours: hidden states at response positions, chunked head, sparse top-k KD + CE (pipeline.student.distill)
   dense  EasyDistill's way: full [batch, seq, vocab] logits, a dense teacher tensor filled from the
          top-k, kl_div over the vocabulary, plus the model's CE
 
@@ -9,7 +9,7 @@ Each variant runs in its own subprocess so its peak memory is its own: on CPU th
 `torch.cuda.max_memory_allocated` (tensors only, not the allocator's cache) and CUDA-event time per step.
 Defaults: a 45M-parameter Qwen2-shaped student (vocab 32k, hidden 512, 10 layers), LoRA r=16 on the seven
 projections, float32, batch 4 x 512 tokens with 384 response positions, k = 64, 3 timed steps after one
-warm-up step. `kd` runs the loss inside the head's forward, as training does (pipeline.head_loss).
+warm-up step. `kd` runs the loss inside the head's forward, as training does (pipeline.student.head_loss).
 
     python bench/train_step.py                  # all three, table + JSON summary
     python bench/train_step.py --threads 1      # work per step, when other jobs share the cores
@@ -58,9 +58,9 @@ def build(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from pipeline.config import LoraConfig
-    from pipeline.lora import wrap_student
     from pipeline.records import CacheSample
-    from pipeline.student import collate
+    from pipeline.student.distill import collate
+    from pipeline.student.lora import wrap_student
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -92,9 +92,9 @@ def ce_step(model, batch, args) -> torch.Tensor:
 
 
 def kd_step(model, batch, args) -> torch.Tensor:
-    from pipeline.head_loss import install_distillation_head
-    from pipeline.losses import KDLossSpec
-    from pipeline.student import distillation_loss
+    from pipeline.student.distill import distillation_loss
+    from pipeline.student.head_loss import install_distillation_head
+    from pipeline.student.losses import KDLossSpec
 
     spec = KDLossSpec(kd_ratio=0.5)
     head = install_distillation_head(model)

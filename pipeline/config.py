@@ -68,10 +68,10 @@ class DistillationConfig:
     kd_ratio: float = 0.5
     distillation_type: Literal["forward_kld", "reverse_kld", "jsd", "tvd"] = "forward_kld"
     temperature: float = 1.0
-    # auto: `sampled` for a cache with tail samples, else `bucket` (see pipeline.losses).
+    # auto: `sampled` for a cache with tail samples, else `bucket` (see pipeline.student.losses).
     tail: Literal["auto", "bucket", "renormalize", "sampled"] = "auto"
     # Where the response token lies outside the teacher's top-k, give it its own class with its cached
-    # log-prob, taken out of the tail (pipeline.losses.with_target_class). Costs no storage.
+    # log-prob, taken out of the tail (pipeline.student.losses.with_target_class). Costs no storage.
     target_class: bool = False
     max_seq_length: int = 2048
     teacher_weights: list[float] | None = None

@@ -40,9 +40,9 @@ from tqdm import tqdm
 from pipeline.cache import LogitCacheReader
 from pipeline.config import Config
 from pipeline.errors import UserError, require
-from pipeline.losses import divergence, teacher_class_logprobs
 from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer, shares_cache_tokenizer
-from pipeline.student import accepts_logits_to_keep, collate, output_head, response_hidden_states
+from pipeline.student.distill import accepts_logits_to_keep, collate, output_head, response_hidden_states
+from pipeline.student.losses import divergence, teacher_class_logprobs
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 1024  # response positions per output-head chunk: bounds the [chunk, vocab] logits
@@ -243,7 +243,7 @@ def _score_batch(model: Any, items: list, pad_id: int, sums: dict[str, float]) -
         if teacher_ids.shape[1] == 0:  # a purely sampled cache: no exact top-k, no bucket KL, no top-1
             continue
         ids, a = teacher_ids[rows], teacher_lp[rows]
-        # As in training (pipeline.losses): -inf entries and ids past the student's vocabulary (a teacher
+        # As in training (pipeline.student.losses): -inf entries and ids past the student's vocabulary (a teacher
         # head padded further, e.g. 152,064 rows against 151,936) are no class; they point at the row's
         # first real entry so that gathers and scatters stay in range.
         in_s = torch.isfinite(a) & (ids < z.shape[1])

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from pipeline.cache import LogitCacheReader, LogitCacheWriter, load_manifest
 from pipeline.config import Config
 from pipeline.data import TokenizedSample, dataset_identity, load_samples
-from pipeline.engines import GenerationRequest, engine_version, make_engine, sample_seed
 from pipeline.errors import UserError
 from pipeline.models import (
     check_model_path,
@@ -40,6 +39,7 @@ from pipeline.models import (
     model_identity,
     tokenizer_fingerprint,
 )
+from pipeline.teacher.engines import GenerationRequest, engine_version, make_engine, sample_seed
 
 log = logging.getLogger(__name__)
 

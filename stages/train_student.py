@@ -24,18 +24,18 @@ from pipeline.cache import LogitCacheReader
 from pipeline.config import Config
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
 from pipeline.errors import UserError
-from pipeline.kd_trainer import CacheStream, JsonlLogger, KDTrainer
-from pipeline.lora import wrap_student
-from pipeline.losses import KDLossSpec, check_tail_settings
 from pipeline.models import check_cache_tokenizer, check_model_path, load_tokenizer, model_identity
-from pipeline.student import collate
+from pipeline.student.distill import collate
+from pipeline.student.kd_trainer import CacheStream, JsonlLogger, KDTrainer
+from pipeline.student.lora import wrap_student
+from pipeline.student.losses import KDLossSpec, check_tail_settings
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "distill_config.json"
 METRICS = "metrics.json"
 LOG_FILE = "log.jsonl"
-# Fixed by the stage: the stream does its own sharding and resume (see pipeline.kd_trainer).
+# Fixed by the stage: the stream does its own sharding and resume (see pipeline.student.kd_trainer).
 _FIXED_ARGS = {"ignore_data_skip": True, "remove_unused_columns": False}
 
 

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Byte-level BPE, vocab 1024, ChatML template (same recipe as the demo's tokenizer)."""
-    from pipeline.toy_models import local_corpus, train_tokenizer
+    from pipeline.toy.models import local_corpus, train_tokenizer
 
     return train_tokenizer(
         tmp_path_factory.mktemp("tiny_tokenizer"), vocab_size=1024, corpus=local_corpus("teacher", 300_000)
@@ -25,7 +25,7 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """Random-init float32 Qwen2: hidden 128, 2 heads (head_dim 64), 2 layers, intermediate 256."""
-    from pipeline.toy_models import build_model
+    from pipeline.toy.models import build_model
 
     return build_model(
         tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_dir,
@@ -36,7 +36,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """A smaller random-init Qwen2 with the same tokenizer: hidden 64, 1 head, 1 layer."""
-    from pipeline.toy_models import build_model
+    from pipeline.toy.models import build_model
 
     return build_model(
         tmp_path_factory.mktemp("tiny_student"), tiny_tokenizer_dir,
@@ -47,7 +47,7 @@ def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
 @pytest.fixture(scope="session")
 def tiny_dataset_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 EasyDistill records (instruction/input/output) from held-out stdlib code, short responses."""
-    from pipeline.toy_models import write_instruction_dataset
+    from pipeline.toy.models import write_instruction_dataset
 
     return write_instruction_dataset(
         tmp_path_factory.mktemp("tiny_dataset") / "train.jsonl", 24, seed=0, response_tokens=(8, 48)

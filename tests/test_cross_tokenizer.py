@@ -21,7 +21,7 @@ from pipeline.cross_tokenizer.generated import generated_encoding
 from pipeline.cross_tokenizer.prepare import prepare_cross_tokenizer
 from pipeline.cross_tokenizer.vocab import shared_vocab_map, token_texts
 from pipeline.errors import UserError
-from pipeline.student import output_head, response_hidden_states
+from pipeline.student.distill import output_head, response_hidden_states
 from stages import evaluate, gen_logits, train_student
 
 CONVERSATION = [
@@ -201,7 +201,7 @@ def test_a_generated_sentencepiece_response_decodes_token_by_token(real_tokenize
 
 @pytest.fixture(scope="module")
 def llama_student_dir(tmp_path_factory) -> Path:
-    from pipeline.toy_models import build_model, local_corpus, train_tokenizer
+    from pipeline.toy.models import build_model, local_corpus, train_tokenizer
 
     tok = train_tokenizer(tmp_path_factory.mktemp("llama_tok"), vocab_size=700,
                           corpus=local_corpus("student", 300_000), style="llama")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.cross_tokenizer.loss import CrossRows, binary_kl, cross_loss_and_grad
-from pipeline.losses import KDLossSpec
-from pipeline.student import ChunkedHeadLoss
+from pipeline.student.distill import ChunkedHeadLoss
+from pipeline.student.losses import KDLossSpec
 
 V, K = 40, 6
 
@@ -144,8 +144,8 @@ def test_teacher_tokens_sent_to_one_student_token_make_one_class():
 def _teacher_rows(vocab: int, rows: int, k: int, draws: int, trials: int, seed: int):
     """A CacheSample of `trials` independent tail draws for each of `rows` teacher distributions."""
     from pipeline.records import CacheSample
-    from pipeline.tail_sampling import draw_tail
-    from pipeline.topk import topk_from_logits
+    from pipeline.teacher.tail_sampling import draw_tail
+    from pipeline.teacher.topk import topk_from_logits
 
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 1.5).repeat(trials, 1)

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import config_from_dict
 from pipeline.data import TokenizedSample, load_samples
-from pipeline.engines import GenerationRequest, make_engine, records_from_hidden, sample_seed
 from pipeline.errors import UserError
 from pipeline.records import TeacherTopK
-from pipeline.topk import OutputHead
+from pipeline.teacher.engines import GenerationRequest, make_engine, records_from_hidden, sample_seed
+from pipeline.teacher.topk import OutputHead
 
 K = 16
 ATOL = 1e-4

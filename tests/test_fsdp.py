@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
-from pipeline.head_loss import DistillationHead, install_distillation_head
-from pipeline.lora import wrap_student
-from pipeline.losses import KDLossSpec
-from pipeline.student import collate, distillation_loss, output_head
+from pipeline.student.distill import collate, distillation_loss, output_head
+from pipeline.student.head_loss import DistillationHead, install_distillation_head
+from pipeline.student.lora import wrap_student
+from pipeline.student.losses import KDLossSpec
 from stages import train_student
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ import accelerate.state
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
-import pipeline.kd_trainer as kd_trainer
+import pipeline.student.kd_trainer as kd_trainer
 from pipeline.cli import entry
 
 kill_at, record = int(sys.argv[1]), sys.argv[2]

@@ -206,7 +206,7 @@ def test_generate_resumes_from_the_journal_without_sampling_again(
     journal.write_text(kept)
     with journal.open("a") as f:
         f.write('{"sample_id": "torn')  # a line cut short by the kill
-    from pipeline.engines.hf_engine import HfEngine
+    from pipeline.teacher.engines.hf_engine import HfEngine
 
     monkeypatch.setattr(HfEngine, "generate", lambda *a: pytest.fail("sampled again"))
     gen_logits.run(config)
@@ -268,7 +268,7 @@ def test_overwrite_and_identity_changes(tmp_path, tiny_dataset_path, tiny_model_
 
 
 def _small_tokenizer_model(tmp_path: Path) -> Path:
-    from pipeline.toy_models import build_model, local_corpus, train_tokenizer
+    from pipeline.toy.models import build_model, local_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(
         tmp_path / "other_tok", vocab_size=300, corpus=local_corpus("student", 50_000)

@@ -15,9 +15,9 @@ from test_fsdp import FSDP, torchrun, write_config
 from test_losses import make_teacher, reference
 from test_train_student import caches, make_config, samples  # noqa: F401 - fixtures
 
-from pipeline.losses import KDLossSpec, TeacherRows
-from pipeline.student import ChunkedHeadLoss
-from pipeline.topk import OutputHead, topk_from_hidden
+from pipeline.student.distill import ChunkedHeadLoss
+from pipeline.student.losses import KDLossSpec, TeacherRows
+from pipeline.teacher.topk import OutputHead, topk_from_hidden
 from stages import train_student
 
 pytestmark = pytest.mark.skipif(
@@ -63,7 +63,7 @@ def test_chunked_head_on_cuda_matches_float64(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_teacher_topk_on_cuda_matches_float64(dtype):
-    """The top-k the vllm engine computes on the GPU (pipeline.topk), against a float64 reference."""
+    """The top-k the vllm engine computes on the GPU (pipeline.teacher.topk), against a float64 reference."""
     n, hidden_size, vocab, k = 257, 256, 32000, 64
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(n, hidden_size, generator=gen).to(dtype)

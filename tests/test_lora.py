@@ -1,4 +1,4 @@
-"""pipeline/lora.py: target-module validation and PEFT wrapping of a tiny Qwen2 student."""
+"""pipeline/student/lora.py: target-module validation and PEFT wrapping of a tiny Qwen2 student."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import SEVEN_PROJECTIONS, LoraConfig
 from pipeline.errors import UserError
-from pipeline.lora import check_target_modules, linear_module_names, wrap_student
+from pipeline.student.lora import check_target_modules, linear_module_names, wrap_student
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""pipeline/losses.py against an independent float64 dense reference (values and gradients)."""
+"""pipeline/student/losses.py against an independent float64 dense reference (values and gradients)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, divergence, with_target_class
+from pipeline.student.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, divergence, with_target_class
 
 KINDS = ["forward_kld", "reverse_kld", "jsd", "tvd"]
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
-from pipeline.lora import wrap_student
+from pipeline.student.lora import wrap_student
 from stages import merge
 
 

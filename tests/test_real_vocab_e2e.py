@@ -55,7 +55,7 @@ def sharpen(model_dir: Path, factor: float) -> None:
 
 @pytest.mark.slow
 def test_qwen3_vocabulary_multi_turn_through_every_stage(tmp_path, real_tokenizer_dir):
-    from pipeline.toy_models import build_model
+    from pipeline.toy.models import build_model
 
     tokenizer_dir = real_tokenizer_dir("qwen3")
     teacher = build_model(tmp_path / "teacher", tokenizer_dir, hidden_size=64, num_layers=1, num_heads=1,

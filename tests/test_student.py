@@ -1,4 +1,4 @@
-"""pipeline/student.py: batch layout and alignment, chunked head loss == dense autograd, any chunk size."""
+"""pipeline/student/distill.py: batch layout and alignment, chunked head loss == dense autograd, any chunk size."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from test_losses import make_teacher, reference
 from transformers import AutoModelForCausalLM
 
-from pipeline.losses import KDLossSpec
 from pipeline.records import CacheSample
-from pipeline.student import ChunkedHeadLoss, collate, distillation_loss, output_head, teacher_rows
+from pipeline.student.distill import ChunkedHeadLoss, collate, distillation_loss, output_head, teacher_rows
+from pipeline.student.losses import KDLossSpec
 
 
 def sample(sample_id: str, input_ids: list[int], positions: list[int], vocab: int, k: int, seed: int):
@@ -95,7 +95,7 @@ def test_student_forward_uses_logits_at_t_minus_1(tiny_student_dir):
 def test_target_class_reaches_the_loss(tiny_student_dir):
     """`distillation.target_class` -> KDLossSpec -> the actual token joins the teacher's classes in the loss."""
     from pipeline.config import config_from_dict
-    from pipeline.losses import with_target_class
+    from pipeline.student.losses import with_target_class
 
     config = config_from_dict({"distillation": {"target_class": True}}, Path("."))
     spec = KDLossSpec.from_config(config.distillation, 1)

@@ -10,9 +10,9 @@ import torch
 
 from pipeline.cache.codec import TopKCodec
 from pipeline.cache.tail_codec import decode_tail_samples, encode_tail_samples
-from pipeline.losses import KDLossSpec, TeacherRows, check_tail_settings, chunk_loss_and_grad
-from pipeline.tail_sampling import draw_tail, tail_uniforms
-from pipeline.topk import topk_from_logits
+from pipeline.student.losses import KDLossSpec, TeacherRows, check_tail_settings, chunk_loss_and_grad
+from pipeline.teacher.tail_sampling import draw_tail, tail_uniforms
+from pipeline.teacher.topk import topk_from_logits
 
 
 def _teacher(n: int, vocab: int, seed: int, scale: float = 2.0) -> torch.Tensor:

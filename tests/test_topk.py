@@ -1,4 +1,4 @@
-"""pipeline/topk.py against float64 references: ids, log-probs, target, stable tail, head loading."""
+"""pipeline/teacher/topk.py against float64 references: ids, log-probs, target, stable tail, head loading."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import UserError
-from pipeline.topk import OutputHead, head_transforms, load_output_head, topk_from_hidden, topk_from_logits
+from pipeline.teacher.topk import OutputHead, head_transforms, load_output_head, topk_from_hidden, topk_from_logits
 
 
 def reference(logits: torch.Tensor, targets: torch.Tensor, k: int):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.toy_models import (
+from pipeline.toy.models import (
     BUILD_INFO,
     build_model,
     ensure_toy_assets,

@@ -21,10 +21,10 @@ from pipeline.cache import LogitCacheReader, LogitCacheWriter
 from pipeline.config import config_from_dict, load_config
 from pipeline.data import load_samples
 from pipeline.errors import UserError
-from pipeline.losses import KDLossSpec
 from pipeline.models import check_cache_tokenizer, model_identity, tokenizer_fingerprint
 from pipeline.records import TeacherTopK
-from pipeline.student import collate, distillation_loss, output_head
+from pipeline.student.distill import collate, distillation_loss, output_head
+from pipeline.student.losses import KDLossSpec
 from stages import train_student
 
 K = 16
@@ -179,7 +179,7 @@ def test_gradient_checkpointing_is_exact_and_bf16_trains(tmp_path, caches, tiny_
 KILL_AT_STEP = """
 import os, signal, sys
 from transformers import TrainerCallback
-import pipeline.kd_trainer as kd_trainer
+import pipeline.student.kd_trainer as kd_trainer
 from pipeline.cli import main
 
 class KillAt(TrainerCallback):
@@ -236,7 +236,7 @@ RECORD_RANK_SAMPLES = """
 import json, os, sys
 import stages.train_student as stage
 from pipeline.config import load_config
-from pipeline.student import collate
+from pipeline.student.distill import collate
 
 rank = os.environ["RANK"]
 def recording(items, **kwargs):

@@ -1,4 +1,4 @@
-"""Pure encode/decode of one sample's sampled tail (pipeline.tail_sampling) into the `tail_samples` column.
+"""Pure encode/decode of one sample's sampled tail (pipeline.teacher.tail_sampling) into the `tail_samples` column.
 
 Per response position r the cache holds m_r unique ids drawn from the teacher's tail, how often each
 was drawn, and their log-probs. The column is one `binary` value of 9 streams in TopKCodec's stream

@@ -12,7 +12,7 @@ import torch
 from pipeline.cross_tokenizer.alignment import SampleAlignment
 from pipeline.cross_tokenizer.loss import CrossRows
 from pipeline.records import CacheSample
-from pipeline.student import token_batch
+from pipeline.student.distill import token_batch
 
 
 @dataclass
@@ -112,7 +112,7 @@ def shared_targets(
 
     Entries are the exact top-k and, with `sampled_tail`, the m unique tail draws with the importance
     weight r c_j / U (r the tail mass, c_j draws of j, U the row's draws), whose expectation is the tail
-    token's p_j, as in same-tokenizer sampled KD (pipeline.losses.sampled_class_logprobs). Teacher
+    token's p_j, as in same-tokenizer sampled KD (pipeline.student.losses.sampled_class_logprobs). Teacher
     tokens mapped to one student token make one class with their summed mass; the rest is the mass of
     entries without a student token (plus, without samples, the whole tail), summed directly, not as
     1 - mapped mass, so that a nearly fully mapped row keeps its small rest exactly.

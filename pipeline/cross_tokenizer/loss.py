@@ -30,7 +30,7 @@ Per student response row r (logits z_r, softmax q_r over the student's vocabular
              and the student's k largest: no ids are compared, so no alignment of vocabularies is needed.
     loss     (1 - kd_ratio) CE + kd_ratio KD, KD the sum of the selected terms; every sum over chunks or rows
              is divided once by the optimizer step's response tokens (the student's), as in
-             pipeline.losses.
+             pipeline.student.losses.
 
 All terms are differentiated by hand and share one dense pass over the chunk's [n, V] logits (the head's
 matmul dominates); `chunk_bounds` cuts the rows so that no aligned chunk is split between head chunks.
@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pipeline.losses import _divergence_and_grad, _exp_rows_
+from pipeline.student.losses import _divergence_and_grad, _exp_rows_
 
 CrossTokenizerLoss = Literal["uld", "chunk", "chunk+shared"]
 CROSS_TOKENIZER_LOSSES = ("uld", "chunk", "chunk+shared")

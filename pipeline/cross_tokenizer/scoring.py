@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.student import output_head, response_hidden_states
+from pipeline.student.distill import output_head, response_hidden_states
 
 HEAD_CHUNK = 1024  # response rows per output-head chunk: bounds the [chunk, vocab] logits
 

@@ -2,7 +2,7 @@
 
 The artifacts are ordinary model directories (config, safetensors, tokenizer files), so every
 consumer goes through the same `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` paths
-as with a hub checkout. Run `python -m pipeline.toy_models --profile demo` to build them.
+as with a hub checkout. Run `python -m pipeline.toy.models --profile demo` to build them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from pipeline.toy_data import local_corpus, write_instruction_dataset
+from pipeline.toy.data import local_corpus, write_instruction_dataset
 
 __all__ = [
     "CHAT_TEMPLATE",

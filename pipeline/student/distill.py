@@ -1,5 +1,5 @@
 """The student side of distillation: cache rows -> batches, final hidden states at the response positions,
-and the output head applied chunk by chunk with the fused sparse loss of pipeline.losses.
+and the output head applied chunk by chunk with the fused sparse loss of pipeline.student.losses.
 
 Only response positions ever reach the head, and no [positions, vocab] tensor outlives its chunk: the
 forward pass computes each chunk's gradient with respect to the hidden states right away (the loss
@@ -17,9 +17,9 @@ from torch import Tensor
 
 from pipeline.cross_tokenizer.loss import CrossRows, cross_loss_and_grad
 from pipeline.errors import UserError
-from pipeline.head_loss import DistillationHead, HeadRequest
-from pipeline.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, with_target_class
 from pipeline.records import CacheSample
+from pipeline.student.head_loss import DistillationHead, HeadRequest
+from pipeline.student.losses import KDLossSpec, TeacherRows, chunk_loss_and_grad, with_target_class
 
 # Config attributes of architectures whose logits are not a plain linear map of the hidden states.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.tail_sampling import TailSamples, draw_tail
+from pipeline.teacher.tail_sampling import TailSamples, draw_tail
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TopKResult:
     """Tensors for n rows: ids int32 [n, k], logprobs float32 [n, k], target/tail float32 [n], and the
-    sampled tail (pipeline.tail_sampling) when draws were asked for."""
+    sampled tail (pipeline.teacher.tail_sampling) when draws were asked for."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -206,7 +206,7 @@ def topk_from_hidden(
     """Top-k of softmax(head(hidden)) for each row; hidden [n, H] holds the states at positions t-1.
 
     With `uniforms` (float64 [n, U]), each row also draws U ids from its tail in the same pass over
-    the chunk's logits (pipeline.tail_sampling.draw_tail).
+    the chunk's logits (pipeline.teacher.tail_sampling.draw_tail).
 
     The group statistics run torch.compile'd (one fused pass over each chunk's logits instead of ~5
     eager ones), on chunks padded to `chunk_size` rows so that one static shape compiles.

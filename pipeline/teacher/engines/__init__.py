@@ -3,7 +3,7 @@
 An engine scores batches of TokenizedSample (prompt + response ids, response positions t) into
 TeacherTopK records, and (for `inference.mode: generate`) writes responses to prompts. `vllm` runs
 the teacher in vLLM and `hf` in transformers; both apply the output head and top-k with the same
-chunked torch code (pipeline.topk), at response positions only.
+chunked torch code (pipeline.teacher.topk), at response positions only.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pipeline.config import Config
 from pipeline.data import TokenizedSample
 from pipeline.errors import UserError
 from pipeline.records import TeacherTopK
-from pipeline.tail_sampling import tail_uniforms
-from pipeline.topk import OutputHead, topk_from_hidden
+from pipeline.teacher.tail_sampling import tail_uniforms
+from pipeline.teacher.topk import OutputHead, topk_from_hidden
 
 ENGINES = ("vllm", "hf")
 
@@ -66,11 +66,11 @@ def make_engine(config: Config, teacher_path: Path, *, task: str = "score") -> T
     """Load one teacher for `task` ("score" or "generate") with `inference.engine`."""
     engine = config.inference.engine
     if engine == "vllm":
-        from pipeline.engines.vllm_engine import VllmEngine
+        from pipeline.teacher.engines.vllm_engine import VllmEngine
 
         return VllmEngine(config, teacher_path, task=task)
     if engine == "hf":
-        from pipeline.engines.hf_engine import HfEngine
+        from pipeline.teacher.engines.hf_engine import HfEngine
 
         return HfEngine(config, teacher_path)
     raise UserError(f"`inference.engine` must be one of {list(ENGINES)}, got {engine!r}.")

@@ -9,7 +9,7 @@ log r; DESIGN.md "Losses"):
     teacher  p ∝ exp(a / T) over S, plus the tail class exp(log r / T) for "bucket", renormalized.
              Tempering the tail as one class (r^(1/T)) is an approximation: the true tempered tail is
              sum_{j not in S} p_j^(1/T), which the cache does not hold. At T = 1 it is exact.
-    sampled  (a cache with a sampled tail, pipeline.tail_sampling) the tail class is replaced by the
+    sampled  (a cache with a sampled tail, pipeline.teacher.tail_sampling) the tail class is replaced by the
              sampled ids with target p_hat_j = r c_j / U, the student's mass elsewhere gets target 0;
              forward_kld only: its gradient q - p_hat is unbiased for the full-vocabulary q - p.
              At T != 1 the tempered targets are self-normalized importance weights: p_i^(1/T) on S,
@@ -28,7 +28,7 @@ rounding of 1 - sum p) is floored at exp(LOG_PROB_FLOOR) in reverse_kld, whose l
 be -inf.
 
 `chunk_loss_and_grad` returns the values and the gradient with respect to the chunk's logits in one
-pass, so the caller never keeps [positions, vocab] tensors for backward (see pipeline/student.py).
+pass, so the caller never keeps [positions, vocab] tensors for backward (see pipeline/student/distill.py).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def _overwrite_if_stale(cache_dir: Path, teacher_dir: Path) -> list[str]:
 
 
 def main() -> int:
-    from pipeline.toy_models import ensure_toy_assets, write_instruction_dataset
+    from pipeline.toy.models import ensure_toy_assets, write_instruction_dataset
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     timings: dict[str, float] = {}

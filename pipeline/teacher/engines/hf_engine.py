@@ -14,10 +14,10 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import TokenizedSample
-from pipeline.engines import GenerationRequest, TeacherEngine, engine_version, records_from_hidden
 from pipeline.errors import UserError
 from pipeline.records import TeacherTopK
-from pipeline.topk import OutputHead, head_transforms
+from pipeline.teacher.engines import GenerationRequest, TeacherEngine, engine_version, records_from_hidden
+from pipeline.teacher.topk import OutputHead, head_transforms
 
 
 class HfEngine(TeacherEngine):

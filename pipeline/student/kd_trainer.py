@@ -1,6 +1,6 @@
 """The distillation loop: `transformers.Trainer` with our loss, our normalization and our data stream.
 
-- Loss: pipeline.student.distillation_loss, run inside the output head's forward (pipeline.head_loss) so
+- Loss: pipeline.student.distill.distillation_loss, run inside the output head's forward (pipeline.student.head_loss) so
   that FSDP2 / ZeRO-3 gather the head's weight for it; each term a sum over response tokens divided ONCE by the
   response-token count of the whole optimizer step: all gradient-accumulation micro-batches of all
   ranks, counted before the step (`get_batch_samples` sees every micro-batch of the step up front).
@@ -23,10 +23,10 @@ from transformers import Trainer, TrainerCallback
 
 from pipeline.cache import LogitCacheReader, iter_joined
 from pipeline.errors import UserError
-from pipeline.head_loss import install_distillation_head
-from pipeline.losses import KDLossSpec
 from pipeline.records import CacheSample
-from pipeline.student import distillation_loss, output_head
+from pipeline.student.distill import distillation_loss, output_head
+from pipeline.student.head_loss import install_distillation_head
+from pipeline.student.losses import KDLossSpec
 
 
 class CacheStream(IterableDataset):
@@ -105,7 +105,7 @@ class KDTrainer(Trainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         output_head(base)  # refuses heads we cannot apply ourselves
         # Before accelerate wraps the model: the loss then runs inside the head's forward, which FSDP2 and
-        # ZeRO-3 gather (pipeline.head_loss); under DDP or one process it changes nothing.
+        # ZeRO-3 gather (pipeline.student.head_loss); under DDP or one process it changes nothing.
         self.head = install_distillation_head(base)
         self._sums = torch.zeros(3, device=self.args.device)  # CE sum, KD sum, tokens since the last log
         self.add_callback(_StreamEpoch(stream, self.args.gradient_accumulation_steps))

@@ -4,7 +4,7 @@ Scoring does not use vLLM's `prompt_logprobs`: that path applies the output head
 log-softmax at every prompt position and builds Python objects per position and top-k entry, which
 costs most of the time on CPU. Instead vLLM runs as a pooling model that returns the final hidden
 states of every token (`runner="pooling"`, token_embed with ALL pooling, no normalization; they are
-taken after the model's final norm), and pipeline.topk applies the output head, read from the
+taken after the model's final norm), and pipeline.teacher.topk applies the output head, read from the
 checkpoint's safetensors, only at the rows t-1 of response tokens. vLLM still does the batched,
 paged, tensor/pipeline-parallel prefill. The head runs on the GPU when there is one.
 
@@ -26,10 +26,10 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import TokenizedSample
-from pipeline.engines import GenerationRequest, TeacherEngine, engine_version, records_from_hidden
 from pipeline.errors import require
 from pipeline.records import TeacherTopK
-from pipeline.topk import load_output_head
+from pipeline.teacher.engines import GenerationRequest, TeacherEngine, engine_version, records_from_hidden
+from pipeline.teacher.topk import load_output_head
 
 
 class VllmEngine(TeacherEngine):
