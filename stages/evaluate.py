@@ -160,11 +160,11 @@ def _run_cross(
     # The chunk likelihoods need only the alignment (any cross loss's checks would be the wrong ones here).
     config = dataclasses.replace(
         config, distillation=dataclasses.replace(config.distillation, cross_tokenizer="chunk"))
-    collate_fn, report = prepare_cross_tokenizer(config, reader, tokenizer)
+    total = reader.num_samples if limit is None else min(limit, reader.num_samples)
+    collate_fn, report = prepare_cross_tokenizer(config, reader, tokenizer, limit=total)
     model = load_student(model_dir, adapter)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = accepts_logits_to_keep(base)
-    total = reader.num_samples if limit is None else min(limit, reader.num_samples)
     sums = ChunkLikelihoods()
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=total, desc="eval", unit="sample", disable=as_json) as bar:

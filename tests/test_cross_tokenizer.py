@@ -400,7 +400,8 @@ def test_eval_scores_a_student_with_another_tokenizer_on_text(tmp_path, llama_st
     # Labelled responses are not the teacher's samples: NLLs, but no KL.
     labelled = cross_config(cross_cache, tiny_model_dir, tiny_dataset_path, llama_student_dir, tmp_path / "u")
     scored = evaluate.run(llama_student_dir, cross_cache, config=labelled, limit=7, batch_size=3)
-    assert scored["samples"] == 7 and scored["sequence_kl_per_char"] is None and scored["student_nll_per_char"] > 0
+    assert scored["samples"] == scored["alignment"]["samples"] == 7  # only the scored samples are aligned
+    assert scored["sequence_kl_per_char"] is None and scored["student_nll_per_char"] > 0
     code = cli.main(["eval", "--model", str(llama_student_dir), "--cache", str(cache)])
     assert code == 2 and "--config" in capsys.readouterr().err
 

@@ -4,6 +4,7 @@ the shared vocabulary and the coverage report; each check fails naming the confi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def prepare_cross_tokenizer(
-    config: Config, reader: LogitCacheReader, student_tokenizer: Any
+    config: Config, reader: LogitCacheReader, student_tokenizer: Any, limit: int | None = None
 ) -> tuple[CrossCollator, dict[str, Any]]:
-    """(the collator of the student's batches, the alignment report) for one teacher cache."""
+    """(the collator of the student's batches, the alignment report) for one teacher cache: its first
+    `limit` samples (in cache order), or all of them."""
     identity = reader.manifest.identity
     loss = config.distillation.cross_tokenizer
     generated = bool(identity.get("sampling"))  # the teacher wrote the responses (gen-logits `generate`)
@@ -55,7 +57,7 @@ def prepare_cross_tokenizer(
     alignments, report = {}, AlignmentReport()
     path = dataset_path(config, mode)
     end_of_turn = {*eot_pair, *_stop_ids(teacher_path, teacher_tokenizer)}
-    for sample in reader.iter_samples(shuffle=False, seed=0):
+    for sample in itertools.islice(reader.iter_samples(shuffle=False, seed=0), limit):
         where = f"{path} (sample {sample.sample_id!r})"
         messages = records.get(sample.sample_id)
         if messages is None:
