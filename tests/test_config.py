@@ -40,6 +40,13 @@ def test_shipped_configs_load(name):
     assert config.models.teacher
 
 
+def test_the_demo_reads_the_shipped_config_and_writes_under_the_repository():
+    from pipeline.toy import demo
+
+    assert demo.CONFIG == REPO / "configs" / "demo.json" and demo.CONFIG.is_file()
+    assert demo.ASSETS == REPO / ".assets"
+
+
 def test_shipped_7b_config_matches_the_recipe():
     config = load_config(REPO / "configs" / "kd_white_box_lora.json")
     assert [str(t) for t in config.models.teacher] == ["Qwen/Qwen2.5-7B-Instruct"]  # hub id kept as is

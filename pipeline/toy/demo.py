@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # pipeline/toy/demo.py -> the repository
 CONFIG = REPO / "configs" / "demo.json"
 ASSETS = REPO / ".assets"
 DEMO = ASSETS / "demo"
